@@ -1,0 +1,33 @@
+"""mpeventfd: Linux eventfd semantics across processes, on any POSIX system.
+
+A 64-bit counter in POSIX shared memory, POSIX named semaphores that wake blocked readers
+and writers, a notifier pipe whose read end is ``fileno()``, and a mutex the kernel releases
+when its holder dies.  See ``README.md`` for the guide and ``SPEC.md`` for the contract.
+"""
+
+from __future__ import annotations
+
+from ._errors import StateError
+from ._eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFD
+from ._osfuncs import eventfd, eventfd_read, eventfd_write
+from ._state import MAX_VALUE
+
+__all__ = (
+    "EFD_CLOEXEC",
+    "EFD_NONBLOCK",
+    "EFD_SEMAPHORE",
+    "MAX_VALUE",
+    "EventFD",
+    "StateError",
+    "eventfd",
+    "eventfd_read",
+    "eventfd_write",
+)
+
+__version__ = "0.1.0"
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and not isinstance(_obj, int):
+        _obj.__module__ = __name__
+del _name, _obj

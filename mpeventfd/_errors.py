@@ -1,0 +1,42 @@
+"""Exceptions and errno helpers shared by every module."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+class StateError(ValueError):
+    """The shared state of an eventfd is corrupt, foreign, or of another layout version.
+
+    Raised instead of ever touching memory outside the mapping or trusting a field that is
+    out of range (SPEC §6).  A subclass of :class:`ValueError` because the data, not the
+    call, is wrong.
+    """
+
+
+def oserror(code: int, detail: str = "") -> OSError:
+    """Build the ``OSError`` subclass Python itself would raise for ``code``.
+
+    ``OSError(EAGAIN, ...)`` becomes ``BlockingIOError``, ``OSError(ETIMEDOUT, ...)``
+    ``TimeoutError`` and so on, exactly like a failed system call.
+    """
+    message = os.strerror(code)
+    if detail:
+        message = f"{message}: {detail}"
+    return OSError(code, message)
+
+
+def closed_error() -> OSError:
+    """The error every operation on a closed handle raises, as on a closed fd."""
+    return oserror(errno.EBADF, "the EventFD is closed")
+
+
+def timeout_error() -> OSError:
+    """A finite ``timeout`` expired with nothing consumed or added."""
+    return OSError(errno.ETIMEDOUT, "timed out: the eventfd did not become ready in time")
+
+
+def would_block() -> OSError:
+    """A non-blocking call found no counter to read or no room to write."""
+    return oserror(errno.EAGAIN)

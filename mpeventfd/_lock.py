@@ -1,0 +1,110 @@
+"""The cross-process mutex and the per-process liveness bytes: kernel byte-range locks.
+
+Facts this module relies on (SPEC §5.1, reliability.md §1.6, design-review §7):
+
+* The kernel releases a byte-range lock when its holder dies, also before a zombie is
+  reaped, so a dead holder never blocks anyone and needs no pid logic.
+* On Linux the locks are OFD locks (``F_OFD_SETLK``, fcntl(2)) on a *private* open file
+  description of the state file, one per (process, eventfd), opened through
+  ``/proc/self/fd`` so it is the same inode as the state fd (design-review L5).  OFD locks do
+  not interact with the presence ``flock`` on the same file.
+* Elsewhere classic ``fcntl`` locks on a lock file.  They belong to the process, so the
+  process must keep exactly one descriptor of that file and never close another one
+  (lock-protocol S4); the per-process registry guarantees that.
+* Every unlock covers exactly one byte: a whole-file unlock would also drop the liveness
+  byte (design-review M4).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+
+from ._errors import timeout_error
+from ._probe import PLATFORM, flock_struct, flock_type
+from ._state import LIVENESS_BASE, MUTEX_BYTE
+
+SETLK = PLATFORM.setlk
+SETLKW = PLATFORM.setlkw
+LOCK = flock_struct(fcntl.F_WRLCK, MUTEX_BYTE)
+UNLOCK = flock_struct(fcntl.F_UNLCK, MUTEX_BYTE)
+# EAGAIN on Linux, EACCES on some BSDs (fcntl(2): "EACCES or EAGAIN").
+_BUSY = frozenset({errno.EAGAIN, errno.EACCES})
+
+
+class Busy(Exception):
+    """The mutex could not be taken before the caller's deadline (internal)."""
+
+
+def open_private(state_fd: int, lock_path: str, lock_ident: tuple[int, int]) -> int:
+    """Open this process's private descriptor for the mutex and liveness bytes."""
+    if PLATFORM.ofd_locks and PLATFORM.proc_fd:
+        return os.open(f"/proc/self/fd/{state_fd}", os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != lock_ident:
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "the lock file was replaced", lock_path)
+    return fd
+
+
+def try_lock(fd: int) -> bool:
+    """Take the mutex if it is free; never wait."""
+    try:
+        fcntl.fcntl(fd, SETLK, LOCK)
+    except OSError as e:
+        if e.errno in _BUSY:
+            return False
+        raise
+    return True
+
+
+def lock_until(fd: int, deadline: float) -> None:
+    """Take the mutex, polling until ``deadline`` (monotonic); raise :class:`Busy` after it.
+
+    ``F_OFD_SETLKW`` has no timeout, and a holder that is stopped (SIGSTOP, a debugger)
+    would hold every timed call hostage (design-review M1).  Live holders keep the lock for
+    microseconds, so the back-off starts tiny.
+    """
+    delay = 20e-6
+    while not try_lock(fd):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Busy
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 2e-3)
+
+
+def claim_liveness(fd: int, slot: int) -> bool:
+    """Lock the liveness byte of ``slot``; False if someone (alive) holds it."""
+    try:
+        fcntl.fcntl(fd, SETLK, flock_struct(fcntl.F_WRLCK, LIVENESS_BASE + slot))
+    except OSError as e:
+        if e.errno in _BUSY:
+            return False
+        raise
+    return True
+
+
+def release_liveness(fd: int, slot: int) -> None:
+    """Unlock the liveness byte of ``slot`` (closing ``fd`` would do the same)."""
+    fcntl.fcntl(fd, SETLK, flock_struct(fcntl.F_UNLCK, LIVENESS_BASE + slot))
+
+
+def slot_alive(fd: int, slot: int) -> bool:
+    """True while the process owning ``slot`` lives (its liveness byte is locked).
+
+    Our own locks are invisible to the query (own description for OFD locks, own process
+    for classic ones), so the caller never asks about its own slot.
+    """
+    query = flock_struct(fcntl.F_WRLCK, LIVENESS_BASE + slot)
+    return flock_type(fcntl.fcntl(fd, PLATFORM.getlk, query)) != fcntl.F_UNLCK
+
+
+def busy_error(nonblocking: bool) -> OSError:
+    """Map a :class:`Busy` mutex to what the caller's timeout promises."""
+    if nonblocking:
+        return OSError(errno.EAGAIN, "the eventfd's mutex is held by another process")
+    return timeout_error()

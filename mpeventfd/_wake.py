@@ -1,0 +1,95 @@
+"""One bounded wait step on a wake-up semaphore, and posting.
+
+posix_ipc facts that shape this module (design-review S1, E1, P1; reliability §1.7):
+
+* When a signal handler raises inside ``Semaphore.acquire``, posix_ipc keeps only
+  ``KeyboardInterrupt`` and turns every other exception (``SystemExit`` included) into
+  ``SignalError``.  So in the main thread, where Python handlers run, the asynchronous
+  signals are blocked around each step and the mask is restored with the C-level
+  ``_signal.pthread_sigmask`` called directly (a Python wrapper can raise before it restores
+  the mask and leave every signal blocked for good: E1e).  Handlers run between steps, and
+  their exceptions propagate.
+* Without ``sem_timedwait`` (macOS) posix_ipc waits for ever whatever the timeout, so a step
+  is ``trywait`` plus a monotonic back-off, as CPython's ``sem_timedwait_save`` does.
+* posix_ipc deadlines follow the wall clock; steps are short, so a clock step can stretch one
+  step, never a whole timeout (the caller's deadline is monotonic).
+"""
+
+from __future__ import annotations
+
+import _signal
+import errno
+import signal
+import threading
+import time
+
+import posix_ipc
+
+from ._probe import ASYNC_SIGNALS, PLATFORM
+
+_sigmask = _signal.pthread_sigmask
+_BLOCK = signal.SIG_BLOCK
+_SETMASK = signal.SIG_SETMASK
+_NOTHING: tuple[int, ...] = ()
+_main_thread = threading.main_thread
+
+
+def wait_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
+    """Wait at most ``seconds`` for a post; True if one was consumed."""
+    if not PLATFORM.sem_timedwait:
+        return _poll_step(sem, seconds)
+    if threading.current_thread() is not _main_thread():
+        # Python handlers never run here, so a SignalError hides nothing: the step just
+        # ended early, and the caller re-checks.
+        try:
+            sem.acquire(seconds)
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return False
+        return True
+    base = _sigmask(_BLOCK, _NOTHING)
+    try:
+        _sigmask(_BLOCK, ASYNC_SIGNALS)
+        sem.acquire(seconds)
+        return True
+    except posix_ipc.BusyError:
+        return False
+    finally:
+        _sigmask(_SETMASK, base)
+
+
+def _poll_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
+    """``trywait`` with a monotonic back-off of 1 ms growing to 20 ms (macOS path)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.001
+    while True:
+        if try_take(sem):
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.02)
+
+
+def try_take(sem: posix_ipc.Semaphore) -> bool:
+    """Consume one post if there is one; never wait."""
+    try:
+        sem.acquire(0)
+    except posix_ipc.BusyError:
+        return False
+    return True
+
+
+def post(sem: posix_ipc.Semaphore) -> bool:
+    """Post once; False if the semaphore is at ``SEM_VALUE_MAX``.
+
+    A post follows a commit, so it must not raise: at the limit there are already more
+    posts pending than anyone can use (design-review W2).
+    """
+    try:
+        sem.release()
+    except OSError as e:
+        if e.errno in (errno.EOVERFLOW, None):
+            return False
+        raise
+    return True

@@ -1,0 +1,72 @@
+"""Shared fixtures: every test is guarded against leaked names, fds and processes."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mpeventfd import _lifecycle, _names
+
+
+def mpefd_entries() -> set[str]:
+    """Every ``mpefd-`` name of this user in the state and semaphore directories."""
+    return {f"{name}{kind}" for name, kind in _lifecycle.entries()}
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _settle(before: set[str], deadline: float) -> set[str]:
+    # Names whose last holder just exited are removed by the janitor's retest within
+    # moments; give it a bounded time before calling them leaked.
+    while True:
+        gc.collect()
+        left = mpefd_entries() - before
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def leak_guard() -> Iterator[None]:
+    """Fail a test that leaves new mpefd- names, more open fds, or live children behind."""
+    gc.collect()
+    names_before = mpefd_entries()
+    fds_before = open_fds()
+    yield
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+        child.join(5)
+    assert not children, f"test left child processes running: {children}"
+    left = _settle(names_before, time.monotonic() + 5)
+    assert not left, f"test leaked named objects: {sorted(left)}"
+    gc.collect()
+    extra = open_fds() - fds_before
+    # An fd can be briefly open in a helper thread (the janitor's liveness test).
+    deadline = time.monotonic() + 2
+    while extra and time.monotonic() < deadline:
+        time.sleep(0.02)
+        extra = open_fds() - fds_before
+    assert not extra, f"test leaked fds: {sorted(extra)} -> " + ", ".join(
+        _describe(fd) for fd in sorted(extra)
+    )
+
+
+def _describe(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Belt and braces for the CI run: nothing of ours may survive the suite.
+    _lifecycle.sweep(skip_attached=False)
+    assert _names.PREFIX

@@ -1,0 +1,182 @@
+"""Threads x processes, and fork (SPEC §2 thread safety, §3 fork; R41)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from helpers import FORK, finish, fork_child, reap, reaped, start
+from mpeventfd import EFD_NONBLOCK, EFD_SEMAPHORE, EventFD, _faults
+
+WRITES_PER_THREAD = 2000
+
+
+def _mixed_process(efd: EventFD, stop: threading.Event, out: int, tag: int) -> None:
+    """2 writer and 2 reader threads; report (written, read) through a pipe."""
+    totals = {"w": 0, "r": 0}
+    lock = threading.Lock()
+
+    def writer(seed: int) -> None:
+        n = 0
+        for i in range(WRITES_PER_THREAD):
+            v = (i * 7 + seed) % 5 + 1
+            efd.write(v)
+            n += v
+        with lock:
+            totals["w"] += n
+
+    def reader() -> None:
+        n = 0
+        while True:
+            try:
+                n += efd.read(timeout=0.2)
+            except TimeoutError:
+                if stop.is_set():
+                    break
+        with lock:
+            totals["r"] += n
+
+    threads = [threading.Thread(target=writer, args=(tag * 10 + k,)) for k in range(2)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads[:2]:
+        t.join()
+    os.write(out, f"w{totals['w']}\n".encode())
+    for t in threads[2:]:
+        t.join()
+    os.write(out, f"r{totals['r']}\n".encode())
+
+
+def test_4_threads_in_each_of_2_processes_exact_totals() -> None:
+    r, w = os.pipe()
+    stop = FORK.Event()
+    with EventFD(0) as efd:
+        procs = [start(_mixed_process, efd, stop, w, k) for k in range(2)]
+        with reaped(*procs):
+            lines: list[str] = []
+            buf = b""
+            deadline = time.monotonic() + 60
+            while sum(1 for x in lines if x.startswith("w")) < 2:
+                assert time.monotonic() < deadline
+                buf += os.read(r, 4096)
+                *done, rest = buf.split(b"\n")
+                lines += [x.decode() for x in done]
+                buf = rest
+            stop.set()
+            while len(lines) < 4:
+                buf += os.read(r, 4096)
+                *done, rest = buf.split(b"\n")
+                lines += [x.decode() for x in done]
+                buf = rest
+            for p in procs:
+                assert finish(p) == 0
+        written = sum(int(x[1:]) for x in lines if x.startswith("w"))
+        read = sum(int(x[1:]) for x in lines if x.startswith("r"))
+        assert written > 0
+        assert read + efd.peek() == written
+    os.close(r)
+    os.close(w)
+
+
+def test_r41_fork_child_writes_parent_reads() -> None:
+    with EventFD(0) as efd:
+        pid = fork_child(lambda: efd.write(41))
+        assert efd.read(timeout=20) == 41
+        assert reap(pid) == 0
+
+
+def test_r41_fork_parent_writes_child_reads_semaphore() -> None:
+    with EventFD(0, EFD_SEMAPHORE) as efd:
+        def child() -> int:
+            got = [efd.read(timeout=20) for _ in range(3)]
+            return 0 if got == [1, 1, 1] else 1
+
+        pid = fork_child(child)
+        efd.write(3)
+        assert reap(pid) == 0
+        assert efd.peek() == 0
+
+
+def test_r41_nonblocking_mode_set_in_child_is_seen_by_parent() -> None:
+    with EventFD(0) as efd:
+        pid = fork_child(lambda: efd.set_blocking(False))
+        assert reap(pid) == 0
+        assert efd.flags & EFD_NONBLOCK
+
+
+def test_fork_while_another_thread_is_inside_an_operation() -> None:
+    """A thread holds the mutex (paused inside write()); fork; the child must still work."""
+    with EventFD(0) as efd:
+        inside = threading.Event()
+        release = threading.Event()
+
+        def hold(step: str) -> None:
+            inside.set()
+            release.wait(20)
+
+        _faults.arm("write.commit", hold)
+        t = threading.Thread(target=efd.write, args=(5,))
+        t.start()
+        try:
+            assert inside.wait(10)
+
+            def child() -> int:
+                efd.write(1)  # waits for the parent thread to leave, then proceeds
+                return 0
+
+            pid = fork_child(child)
+            time.sleep(0.2)  # the child is now blocked on the mutex, not on anything we hold
+            release.set()
+            t.join(10)
+            assert reap(pid) == 0
+        finally:
+            release.set()
+            _faults.disarm()
+            t.join(10)
+        assert efd.read(timeout=5) == 6
+
+
+def test_fork_storm_while_threads_operate() -> None:
+    """Forks at random points of other threads' operations: every child works."""
+    with EventFD(0) as efd:
+        stop = threading.Event()
+
+        def churn() -> None:
+            while not stop.is_set():
+                efd.write(1)
+                try:
+                    efd.read(timeout=0)
+                except BlockingIOError:
+                    pass
+
+        threads = [threading.Thread(target=churn) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(20):
+                def child() -> int:
+                    efd.write(1)
+                    efd.read(timeout=5)
+                    return 0
+
+                assert reap(fork_child(child)) == 0
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+
+
+def _child_writes(efd: EventFD, n: int) -> None:
+    for _ in range(n):
+        efd.write(1)
+
+
+def test_multiprocessing_fork_children_exact_sum() -> None:
+    with EventFD(0) as efd:
+        procs = [start(_child_writes, efd, 500) for _ in range(4)]
+        with reaped(*procs):
+            for p in procs:
+                assert finish(p) == 0
+        assert efd.read() == 2000

@@ -1,0 +1,180 @@
+"""Who wakes whom (linux-eventfd-semantics R27-R29), with real threads and processes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from helpers import FORK, finish, reaped, start
+from mpeventfd import EFD_SEMAPHORE, MAX_VALUE, EventFD, _wake
+from mpeventfd._state import W_PR, W_WR, W_WW
+
+
+def header(efd: EventFD, word: int) -> int:
+    core = efd._core
+    assert core is not None
+    return int(core.words[word])
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.002)
+
+
+class Readers:
+    """n threads blocked in read(); records what each returned."""
+
+    def __init__(self, efd: EventFD, n: int) -> None:
+        self.results: list[int] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(efd,)) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, efd: EventFD) -> None:
+        value = efd.read(timeout=20)
+        with self.lock:
+            self.results.append(value)
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(20)
+            assert not t.is_alive()
+
+
+def test_r29_semaphore_write_3_releases_exactly_3_of_4_threads() -> None:
+    with EventFD(0, EFD_SEMAPHORE) as efd:
+        readers = Readers(efd, 4)
+        wait_until(lambda: header(efd, W_WR) == 4)
+        efd.write(3)
+        wait_until(lambda: len(readers.results) == 3)
+        time.sleep(0.6)  # longer than two wait steps: the fourth must still be blocked
+        assert readers.results == [1, 1, 1]
+        assert header(efd, W_WR) == 1
+        efd.write(1)
+        readers.join()
+        assert readers.results == [1, 1, 1, 1]
+        assert efd.peek() == 0
+
+
+def test_r29_normal_write_10_gives_everything_to_one_of_4() -> None:
+    with EventFD(0) as efd:
+        readers = Readers(efd, 4)
+        wait_until(lambda: header(efd, W_WR) == 4)
+        efd.write(10)
+        wait_until(lambda: len(readers.results) == 1)
+        time.sleep(0.6)
+        assert readers.results == [10]
+        for i in range(3):
+            efd.write(1)  # one at a time: writes before a reader runs would add up
+            wait_until(lambda i=i: len(readers.results) == 2 + i)
+        readers.join()
+        assert sorted(readers.results) == [1, 1, 1, 10]
+
+
+def test_precise_wakeups_8_threads_write_3_consumes_exactly_3_posts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumed = []
+    real_step = _wake.wait_step
+
+    def counting_step(sem: object, seconds: float) -> bool:
+        got = real_step(sem, seconds)  # type: ignore[arg-type]
+        if got:
+            consumed.append(1)
+        return got
+
+    monkeypatch.setattr(_wake, "wait_step", counting_step)
+    with EventFD(0, EFD_SEMAPHORE) as efd:
+        readers = Readers(efd, 8)
+        wait_until(lambda: header(efd, W_WR) == 8)
+        efd.write(3)
+        wait_until(lambda: len(readers.results) == 3)
+        time.sleep(0.6)
+        # Exactly three posts were made and consumed; the other five never woke for one.
+        assert len(consumed) == 3
+        assert len(readers.results) == 3
+        assert header(efd, W_WR) == 5
+        assert header(efd, W_PR) == 0
+        efd.write(5)
+        readers.join()
+        assert len(consumed) == 8
+
+
+def _proc_reader(efd: EventFD, w: int) -> None:
+    value = efd.read(timeout=20)
+    os.write(w, value.to_bytes(1, "little"))
+
+
+def test_r29_semaphore_write_3_releases_exactly_3_of_4_processes() -> None:
+    r, w = os.pipe()
+    with EventFD(0, EFD_SEMAPHORE) as efd:
+        procs = [start(_proc_reader, efd, w) for _ in range(4)]
+        with reaped(*procs):
+            wait_until(lambda: header(efd, W_WR) == 4)
+            efd.write(3)
+            got = b""
+            while len(got) < 3:
+                got += os.read(r, 3 - len(got))
+            time.sleep(0.6)
+            assert header(efd, W_WR) == 1
+            efd.write(1)
+            got += os.read(r, 1)
+            assert got == b"\x01" * 4
+            for p in procs:
+                assert finish(p) == 0
+    os.close(r)
+    os.close(w)
+
+
+def test_r28_writer_blocked_at_max_resumes_after_read() -> None:
+    with EventFD(0) as efd:
+        efd.write(MAX_VALUE)
+        done = threading.Event()
+
+        def writer() -> None:
+            efd.write(5, timeout=20)
+            done.set()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        wait_until(lambda: header(efd, W_WW) == 1)
+        assert not done.is_set()
+        assert efd.read() == MAX_VALUE
+        assert done.wait(5)
+        t.join(5)
+        assert efd.peek() == 5
+
+
+def _ping(a: EventFD, b: EventFD, rounds: int) -> None:
+    for _ in range(rounds):
+        assert a.read(timeout=20) == 1
+        b.write(1)
+
+
+@pytest.mark.parametrize("semaphore", [False, True])
+def test_no_lost_wakeup_in_10000_alternations(semaphore: bool) -> None:
+    flags = EFD_SEMAPHORE if semaphore else 0
+    rounds = 10_000
+    with EventFD(0, flags) as a, EventFD(0, flags) as b:
+        p = start(_ping, a, b, rounds)
+        with reaped(p):
+            t0 = time.monotonic()
+            for _ in range(rounds):
+                a.write(1)
+                assert b.read(timeout=20) == 1
+            assert finish(p) == 0
+            # A lost wake-up would cost a whole wait step (>= 100 ms) per loss.
+            assert time.monotonic() - t0 < 60
+        assert a.peek() == b.peek() == 0
+
+
+def test_fork_context_is_the_default_helper() -> None:
+    assert FORK.get_start_method() == "fork"
