@@ -7,6 +7,7 @@ import os
 import pickle
 import select
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -212,9 +213,8 @@ def test_bad_timeout_value(timeout: float) -> None:
 
 
 def test_bad_timeout_type() -> None:
-    with EventFD() as efd:
-        with pytest.raises(TypeError):
-            efd.read(timeout="1")  # type: ignore[arg-type]
+    with EventFD() as efd, pytest.raises(TypeError):
+        efd.read(timeout="1")  # type: ignore[arg-type]
 
 
 def test_closed_handle_ebadf_everywhere() -> None:
@@ -222,7 +222,7 @@ def test_closed_handle_ebadf_everywhere() -> None:
     efd.close()
     efd.close()  # idempotent
     assert efd.closed
-    calls = [
+    calls: list[Callable[[], object]] = [
         efd.read, lambda: efd.write(1), efd.peek, efd.fileno, efd.get_blocking,
         lambda: efd.set_blocking(False), efd.get_inheritable,
         lambda: efd.set_inheritable(True), lambda: efd.fds, lambda: efd.handle,
@@ -276,9 +276,8 @@ def test_repr_shows_id_counter_flags() -> None:
 
 
 def test_plain_pickle_refused_with_advice() -> None:
-    with EventFD() as efd:
-        with pytest.raises(TypeError, match="multiprocessing"):
-            pickle.dumps(efd)
+    with EventFD() as efd, pytest.raises(TypeError, match="multiprocessing"):
+        pickle.dumps(efd)
 
 
 def test_os_compatible_functions() -> None:

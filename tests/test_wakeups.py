@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -72,9 +73,9 @@ def test_r29_normal_write_10_gives_everything_to_one_of_4() -> None:
         wait_until(lambda: len(readers.results) == 1)
         time.sleep(0.6)
         assert readers.results == [10]
-        for i in range(3):
+        for want in (2, 3, 4):
             efd.write(1)  # one at a time: writes before a reader runs would add up
-            wait_until(lambda i=i: len(readers.results) == 2 + i)
+            wait_until(functools.partial(lambda n: len(readers.results) == n, want))
         readers.join()
         assert sorted(readers.results) == [1, 1, 1, 10]
 

@@ -1,0 +1,108 @@
+"""``python -m mpeventfd ls`` and ``cleanup``.
+
+``ls`` reads headers without taking any lock (a stopped holder must not hang it;
+design-review P5) and never modifies anything.  ``cleanup`` removes exactly what the
+liveness test proves unused (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TextIO
+
+from . import _lifecycle, _names
+from ._probe import PLATFORM
+from ._state import (
+    HEADER_WORDS,
+    MAGIC,
+    SIZE,
+    W_COUNTER,
+    W_FLAGS,
+    W_MAGIC,
+    W_NONBLOCK,
+)
+
+
+@dataclass(frozen=True)
+class Info:
+    """What ``ls`` reports about one eventfd."""
+
+    name: str
+    counter: int | None
+    flags: str
+    pids: tuple[int, ...]
+
+
+def holders() -> dict[str, set[int]]:
+    """Map each state file path to the pids that hold an fd of it (Linux ``/proc``)."""
+    found: dict[str, set[int]] = {}
+    prefix = os.path.join(PLATFORM.state_dir, _names.PREFIX)
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except FileNotFoundError:
+        return found
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                found.setdefault(target.removesuffix(" (deleted)"), set()).add(pid)
+    return found
+
+
+def inspect(name: str, pids: set[int]) -> Info:
+    """Read one header lock-free; a foreign or torn header shows as unknown."""
+    path = _names.state_path(name)
+    counter: int | None = None
+    flags = "?"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return Info(name, None, "gone", tuple(sorted(pids)))
+    try:
+        if os.fstat(fd).st_size == SIZE:
+            words = memoryview(os.pread(fd, HEADER_WORDS * 8, 0)).cast("Q")
+            if words[W_MAGIC] == MAGIC:
+                counter = int(words[W_COUNTER])
+                names = ["EFD_SEMAPHORE"] if words[W_FLAGS] & 1 else []
+                names += ["EFD_NONBLOCK"] if words[W_NONBLOCK] else []
+                flags = "|".join(names) or "0"
+    finally:
+        os.close(fd)
+    return Info(name, counter, flags, tuple(sorted(pids)))
+
+
+def listing() -> list[Info]:
+    """Every state file of this user, with its holders."""
+    held = holders()
+    names = sorted({name for name, kind in _lifecycle.entries() if kind == ""})
+    return [inspect(n, held.get(_names.state_path(n), set())) for n in names]
+
+
+def ls_command(out: TextIO) -> int:
+    infos = listing()
+    if not infos:
+        out.write("no eventfds\n")
+        return 0
+    out.write(f"{'id':24} {'counter':>22} {'flags':28} pids\n")
+    for info in infos:
+        counter = "?" if info.counter is None else str(info.counter)
+        pids = ",".join(map(str, info.pids)) or "-"
+        out.write(f"{info.name:24} {counter:>22} {info.flags:28} {pids}\n")
+    return 0
+
+
+def cleanup_command(out: TextIO, quiet: bool = False) -> int:
+    removed = _lifecycle.sweep(skip_attached=True)
+    if not quiet:
+        for name in removed:
+            out.write(f"removed {name}\n")
+        out.write(f"{len(removed)} unused eventfd(s) removed\n")
+    return 0
