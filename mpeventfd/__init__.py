@@ -11,6 +11,7 @@ from ._errors import StateError
 from ._eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFD
 from ._osfuncs import eventfd, eventfd_read, eventfd_write
 from ._state import MAX_VALUE
+from ._transfer import from_handle, recv_eventfd, send_eventfd
 
 __all__ = (
     "EFD_CLOEXEC",
@@ -22,6 +23,9 @@ __all__ = (
     "eventfd",
     "eventfd_read",
     "eventfd_write",
+    "from_handle",
+    "recv_eventfd",
+    "send_eventfd",
 )
 
 __version__ = "0.1.0"

@@ -231,36 +231,50 @@ def _sem_ino(name: str, kind: str) -> int:
 # -- attach ---------------------------------------------------------------------------------
 
 
-def attach(state_fd: int, rfd: int, wfd: int) -> Core:
-    """Attach to the eventfd behind three fds this process owns, validating everything.
+def attach(state_fd: int, rfd: int, wfd: int, *, expect: bytes | None = None,
+           own: bool = True) -> Core:
+    """Attach to the eventfd behind three fds, validating everything before trusting it.
 
-    Takes ownership of the fds: on success they belong to the returned core (or are closed,
-    if this process already had the eventfd); on failure they are closed.  Raises
-    :class:`StateError` (a ``ValueError``) for anything foreign or corrupt.
+    On success the fds belong to the returned core, or are closed when this process already
+    had the eventfd under other fd numbers.  On failure they are closed if ``own`` (fds just
+    received) and left alone otherwise (fds named by an untrusted handle).  ``expect`` is
+    the id the sender claimed.  Raises :class:`StateError` (a ``ValueError``) for anything
+    foreign, forged or corrupt, ``FileNotFoundError`` if a name was removed from outside.
     """
     try:
-        core = _attach(state_fd, rfd, wfd)
+        core = _attach(state_fd, rfd, wfd, expect)
     except BaseException:
-        for fd in (state_fd, rfd, wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if own:
+            for fd in (state_fd, rfd, wfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         raise
     return core
 
 
-def _attach(state_fd: int, rfd: int, wfd: int) -> Core:
+def _attach(state_fd: int, rfd: int, wfd: int, expect: bytes | None) -> Core:
+    if len({state_fd, rfd, wfd}) != 3:
+        raise StateError("the three fds of an eventfd must be distinct")
     st = _check_state_fd(state_fd)
     header = os.pread(state_fd, HEADER_WORDS * 8, 0)
     ident = header[ID_BYTES]
+    if expect is not None and ident != expect:
+        raise StateError("the fds belong to another eventfd than the one named")
+    with _reg_lock:  # one core per (process, eventfd), even when threads attach at once
+        return _attach_locked(state_fd, rfd, wfd, ident, st)
+
+
+def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
+                   st: os.stat_result) -> Core:
     name = _names.encode(ident)
-    with _reg_lock:
-        existing = _registry.get(ident)
+    existing = _registry.get(ident)
     if existing is not None and not existing.released:
         _check_same(existing, st, rfd, wfd)
-        for fd in (state_fd, rfd, wfd):
-            os.close(fd)
+        if (state_fd, rfd, wfd) != (existing.state_fd, existing.rfd, existing.wfd):
+            for fd in (state_fd, rfd, wfd):
+                os.close(fd)
         return existing
     mapping = Mapping(state_fd)
     sems: list[posix_ipc.Semaphore] = []
@@ -287,7 +301,7 @@ def _attach(state_fd: int, rfd: int, wfd: int) -> Core:
             sem.close()
         mapping.close()
         raise
-    _register(core)
+    _register_locked(core)
     return core
 
 
@@ -342,11 +356,15 @@ def _check_same(core: Core, st: os.stat_result, rfd: int, wfd: int) -> None:
 
 
 def _register(core: Core) -> None:
+    with _reg_lock:
+        _register_locked(core)
+
+
+def _register_locked(core: Core) -> None:
     core.on_idle = _on_idle
     _reentry.cores[id(core)] = core
-    with _reg_lock:
-        _registry[core.ident] = core
-        _by_fileno[core.rfd] = core
+    _registry[core.ident] = core
+    _by_fileno[core.rfd] = core
 
 
 def retain(core: Core) -> None:
@@ -490,7 +508,7 @@ def _unlink(name: str) -> None:
 def entries() -> Iterator[tuple[str, str]]:
     """Yield ``(name, kind)`` for this user's files in the state (and semaphore) directory.
 
-    ``kind`` is ``""`` for a state file, ``".lock"``, ``".tmp"`` or ``"sem"``.
+    ``kind`` is ``""`` for a state file, ``".lock"``, ``".tmp"``, ``"-r"`` or ``"-w"``.
     """
     dirs = {PLATFORM.state_dir, PLATFORM.sem_dir} - {""}
     uid = os.geteuid()
@@ -512,7 +530,7 @@ def entries() -> Iterator[tuple[str, str]]:
             if m:
                 yield m.group(1), m.group(2)
             elif s:
-                yield s.group(1), "sem"
+                yield s.group(1), "-" + s.group(2)
 
 
 def sweep(skip_attached: bool = True) -> list[str]:

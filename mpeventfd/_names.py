@@ -18,7 +18,7 @@ ID_LEN = 22
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 # Every file that belongs to some eventfd in the state directory, by kind.
 FILE_RE = re.compile(r"mpefd-([A-Za-z0-9_-]{22})(|\.lock|\.tmp)")
-SEM_FILE_RE = re.compile(r"sem\.mpefd-([A-Za-z0-9_-]{22})-[rw]")
+SEM_FILE_RE = re.compile(r"sem\.mpefd-([A-Za-z0-9_-]{22})-([rw])")
 
 
 def new_id() -> bytes:
@@ -58,3 +58,10 @@ def sem_file(name: str, kind: str) -> str:
     if not PLATFORM.sem_dir:
         return ""
     return os.path.join(PLATFORM.sem_dir, f"sem.{PREFIX}{name}-{kind}")
+
+
+def decode(name: str) -> bytes:
+    """Return the id bytes of a 22-character name (``ValueError`` if it is not one)."""
+    if not NAME_RE.fullmatch(name):
+        raise ValueError(f"not an mpeventfd id: {name!r}")
+    return base64.urlsafe_b64decode(name + "==")

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from . import _lifecycle, _names
-from ._probe import PLATFORM
 from ._state import (
     HEADER_WORDS,
     MAGIC,
@@ -34,10 +33,20 @@ class Info:
     pids: tuple[int, ...]
 
 
-def holders() -> dict[str, set[int]]:
-    """Map each state file path to the pids that hold an fd of it (Linux ``/proc``)."""
-    found: dict[str, set[int]] = {}
-    prefix = os.path.join(PLATFORM.state_dir, _names.PREFIX)
+def holders(names: list[str]) -> dict[str, set[int]]:
+    """Map each name to the pids holding an fd of its state file (Linux ``/proc``).
+
+    Matched by inode: the fd of a state file built with ``O_TMPFILE`` reads back as
+    ``/dev/shm/#<ino> (deleted)`` even after it was linked under its name.
+    """
+    by_inode: dict[tuple[int, int], str] = {}
+    for name in names:
+        try:
+            st = os.stat(_names.state_path(name))
+        except OSError:
+            continue
+        by_inode[(st.st_dev, st.st_ino)] = name
+    found: dict[str, set[int]] = {name: set() for name in names}
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except FileNotFoundError:
@@ -49,11 +58,12 @@ def holders() -> dict[str, set[int]]:
             continue
         for fd in fds:
             try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if target.startswith(prefix):
-                found.setdefault(target.removesuffix(" (deleted)"), set()).add(pid)
+            owner = by_inode.get((st.st_dev, st.st_ino))
+            if owner is not None:
+                found[owner].add(pid)
     return found
 
 
@@ -81,9 +91,9 @@ def inspect(name: str, pids: set[int]) -> Info:
 
 def listing() -> list[Info]:
     """Every state file of this user, with its holders."""
-    held = holders()
     names = sorted({name for name, kind in _lifecycle.entries() if kind == ""})
-    return [inspect(n, held.get(_names.state_path(n), set())) for n in names]
+    held = holders(names)
+    return [inspect(n, held[n]) for n in names]
 
 
 def ls_command(out: TextIO) -> int:

@@ -19,7 +19,39 @@ def mpefd_entries() -> set[str]:
 
 
 def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+    """This process's open fds, without the one listdir used and multiprocessing's own."""
+    listed = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    return {fd for fd in listed if _is_open(fd)} - infrastructure_fds()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def infrastructure_fds() -> set[int]:
+    """fds that multiprocessing keeps for the life of the process once first used.
+
+    The forkserver's alive pipe, the resource tracker's pipe and the resource sharer's
+    listening socket are started on demand and never closed; they are not ours.
+    """
+    from multiprocessing import forkserver, resource_sharer, resource_tracker
+
+    fds: set[int] = set()
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive is not None:
+        fds.add(alive)
+    tracker = getattr(resource_tracker._resource_tracker, "_fd", None)
+    if tracker is not None:
+        fds.add(tracker)
+    sharer = getattr(resource_sharer, "_resource_sharer", None)
+    listener = getattr(sharer, "_listener", None)
+    if listener is not None:
+        fds.add(listener._listener._socket.fileno())
+    return fds
 
 
 def _settle(before: set[str], deadline: float) -> set[str]:

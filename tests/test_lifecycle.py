@@ -1,0 +1,302 @@
+"""Lifecycle of named objects (SPEC §4): they exist exactly while some fd exists anywhere."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from conftest import mpefd_entries
+from helpers import FORK, finish, python, reaped
+from mpeventfd import EventFD, _lifecycle, _names, from_handle, recv_eventfd, send_eventfd
+
+
+def names_of(efd: EventFD) -> set[str]:
+    core = efd._core
+    assert core is not None
+    return {core.name, f"{core.name}-r", f"{core.name}-w"}
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def cleanup_cli() -> str:
+    out = subprocess.run([sys.executable, "-m", "mpeventfd", "cleanup"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_close_removes_every_name_at_once() -> None:
+    before = mpefd_entries()
+    efd = EventFD()
+    assert len(mpefd_entries() - before) == 3  # the state file and two semaphores
+    efd.close()
+    assert mpefd_entries() == before
+
+
+def test_garbage_collection_removes_every_name() -> None:
+    before = mpefd_entries()
+    efd = EventFD(1)
+    efd.write(1)
+    del efd
+    gc.collect()
+    assert mpefd_entries() == before
+
+
+def test_owner_only_mode_on_every_named_object() -> None:
+    old = os.umask(0)
+    try:
+        with EventFD() as efd:
+            core = efd._core
+            assert core is not None
+            paths = [_names.state_path(core.name)]
+            paths += [_names.sem_file(core.name, k) for k in "rw"]
+            for path in paths:
+                st = os.stat(path)
+                assert stat.S_IMODE(st.st_mode) == 0o600, path
+                assert st.st_uid == os.geteuid()
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    ["pass", "raise SystemExit(3)", "raise RuntimeError('uncaught')"],
+    ids=["normal-exit", "sys-exit", "uncaught-exception"],
+)
+def test_exit_without_close_leaves_nothing(ending: str) -> None:
+    before = mpefd_entries()
+    code = f"from mpeventfd import EventFD\nkeep = EventFD(5)\nkeep.write(1)\n{ending}\n"
+    python(code)
+    assert mpefd_entries() == before
+
+
+@pytest.mark.parametrize("death", ["os._exit(0)", "os.kill(os.getpid(), 9)"])
+def test_os_exit_or_sigkill_then_cleanup_leaves_shm_as_it_was(death: str) -> None:
+    before = mpefd_entries()
+    code = f"import os\nfrom mpeventfd import EventFD\nkeep = EventFD(5)\n{death}\n"
+    python(code)
+    assert len(mpefd_entries() - before) == 3  # no finalizer ran: debris until a cleanup
+    out = cleanup_cli()
+    assert "1 unused eventfd(s) removed" in out
+    assert mpefd_entries() == before
+
+
+def test_creation_sweeps_debris_of_dead_processes() -> None:
+    before = mpefd_entries()
+    python("import os\nfrom mpeventfd import EventFD\nkeep = EventFD()\nos._exit(0)\n")
+    assert len(mpefd_entries() - before) == 3
+    _lifecycle._last_sweep = 0.0  # let the next creation sweep now
+    with EventFD() as efd:
+        assert mpefd_entries() - before == names_of(efd)
+
+
+def _hold(efd: EventFD, go: threading.Event) -> None:
+    go.wait(20)  # returns without close(): the fork child leaves through os._exit
+
+
+def test_multiprocessing_fork_child_as_last_holder() -> None:
+    before = mpefd_entries()
+    go = FORK.Event()
+    efd = EventFD()
+    p = FORK.Process(target=_hold, args=(efd, go))
+    p.start()
+    with reaped(p):
+        efd.close()
+        assert len(mpefd_entries() - before) == 3  # the child still holds it
+        go.set()
+        assert finish(p) == 0
+    assert wait_for(lambda: mpefd_entries() == before, 5)
+
+
+def test_2000_cycles_while_another_thread_spawns_subprocesses() -> None:
+    """A fork+exec in flight holds copies of our fds for an instant (design-review E5)."""
+    before = mpefd_entries()
+    stop = threading.Event()
+
+    def spawner() -> None:
+        while not stop.is_set():
+            subprocess.run(["true"], check=True)
+
+    t = threading.Thread(target=spawner)
+    t.start()
+    try:
+        for _ in range(2000):
+            EventFD().close()
+    finally:
+        stop.set()
+        t.join(30)
+    assert wait_for(lambda: mpefd_entries() == before, 10), mpefd_entries() - before
+
+
+def _attach_detach_loop(sock: socket.socket, inherited: EventFD, rounds: int) -> None:
+    inherited.close()  # from here on every handle is a fresh attach
+    for _ in range(rounds):
+        sock.sendall(b"?")
+        with recv_eventfd(sock) as efd:
+            efd.write(1)
+    sock.sendall(b"!")
+
+
+def _cleanup_loop(stop: threading.Event) -> None:
+    while not stop.is_set():
+        _lifecycle.sweep(skip_attached=False)
+
+
+def test_cleanup_looping_while_8_processes_attach_and_detach() -> None:
+    before = mpefd_entries()
+    rounds = 40
+    stop = FORK.Event()
+    with EventFD() as efd:
+        pairs = [socket.socketpair() for _ in range(8)]
+        workers = [FORK.Process(target=_attach_detach_loop, args=(b, efd, rounds))
+                   for _, b in pairs]
+        sweeper = FORK.Process(target=_cleanup_loop, args=(stop,))
+        for p in [*workers, sweeper]:
+            p.start()
+        with reaped(*workers, sweeper):
+            served = 0
+            open_socks = [a for a, _ in pairs]
+            deadline = time.monotonic() + 120
+            while open_socks:
+                assert time.monotonic() < deadline
+                for a in list(open_socks):
+                    a.settimeout(0.001)
+                    try:
+                        req = a.recv(1)
+                    except TimeoutError:
+                        continue
+                    if req == b"?":
+                        send_eventfd(a, efd)
+                        served += 1
+                    else:
+                        open_socks.remove(a)
+            for p in workers:
+                assert finish(p, 60) == 0
+            stop.set()
+            assert finish(sweeper, 60) == 0
+        assert served == 8 * rounds
+        assert efd.read(timeout=5) == 8 * rounds
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert wait_for(lambda: mpefd_entries() == before, 5)
+
+
+def test_cleanup_never_removes_an_object_held_elsewhere() -> None:
+    with EventFD() as efd:
+        mine = names_of(efd)
+        efd.set_inheritable(True)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"],
+            stdin=subprocess.PIPE, pass_fds=efd.fds,
+        )
+        try:
+            efd.close()  # only the other process holds it now
+            assert mine <= mpefd_entries()
+            cleanup_cli()
+            assert mine <= mpefd_entries()
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(20)
+    # Its last holder exited without running mpeventfd code: our janitor's retest (or a
+    # cleanup) removes the names.
+    assert wait_for(lambda: not mine & mpefd_entries(), 5)
+
+
+def test_ls_shows_a_live_object_and_its_pids() -> None:
+    r, w = os.pipe()
+    with EventFD(7) as efd:
+        core = efd._core
+        assert core is not None
+        p = FORK.Process(target=os.read, args=(r, 1))
+        p.start()
+        with reaped(p):
+            out = subprocess.run([sys.executable, "-m", "mpeventfd", "ls"],
+                                 capture_output=True, text=True, timeout=60)
+            os.write(w, b"x")
+            assert finish(p) == 0
+        line = next(x for x in out.stdout.splitlines() if x.startswith(core.name))
+        assert " 7 " in f" {line} "
+        assert str(os.getpid()) in line
+        assert str(p.pid) in line
+    os.close(r)
+    os.close(w)
+
+
+def test_names_removed_from_outside_are_never_recreated() -> None:
+    """systemd RemoveIPC: live handles keep working; new attaches fail clearly."""
+    with EventFD() as efd:
+        core = efd._core
+        assert core is not None
+        for kind in "rw":
+            os.unlink(_names.sem_file(core.name, kind))
+        os.unlink(_names.state_path(core.name))
+        efd.write(2)
+        assert efd.read() == 2
+        efd.set_inheritable(True)
+        out = python(textwrap.dedent(
+            """
+            import sys
+            from mpeventfd import from_handle
+            try:
+                from_handle(sys.argv[1])
+            except FileNotFoundError as e:
+                print("missing:", e)
+            """), efd.handle, pass_fds=efd.fds)
+        assert "missing" in out.stdout, out.stderr
+        assert not names_of(efd) & mpefd_entries()
+
+
+def test_from_handle_of_a_closed_eventfd_in_this_process_fails_clean() -> None:
+    efd = EventFD()
+    handle = efd.handle
+    efd.close()
+    with pytest.raises((ValueError, OSError)):
+        from_handle(handle)
+
+
+def test_multiprocessing_resource_sharer_last_holder() -> None:
+    """A handle sent through a Queue and closed by the sender: the receiver keeps it alive."""
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    before = mpefd_entries()
+    with EventFD() as efd:
+        q.put(efd)
+        received = q.get(timeout=20)  # same process: resolves to the same core
+        received.write(1)
+        assert efd.read() == 1
+        received.close()
+    q.close()
+    q.join_thread()
+    assert mpefd_entries() == before
+
+
+def test_sigkilled_holders_never_block_others() -> None:
+    with EventFD() as efd:
+        p = FORK.Process(target=time.sleep, args=(30,))
+        p.start()
+        with reaped(p):
+            os.kill(p.pid or 0, signal.SIGKILL)
+            p.join(10)
+        efd.write(1)
+        assert efd.read() == 1
