@@ -1,32 +1,34 @@
-"""One eventfd as attached in one process: critical sections, wake-ups and repair.
+"""One eventfd as attached in one process: the critical sections of ``read``/``write``.
 
 There is exactly one :class:`Core` per (process, eventfd); every handle of that eventfd in
-the process shares it (lock-protocol S4).  It owns:
+the process shares it (lock-protocol S4).  It owns the travelling fds (the state fd, whose
+open file description carries the presence ``flock``, and the notifier pipe's two ends), the
+shared mapping, the private descriptor that carries this process's kernel byte locks, a
+``threading.RLock`` in front of the mutex, and the semaphores.
 
-* the travelling fds: the state fd (whose open file description carries the presence
-  ``flock``), and the two ends of the notifier pipe;
-* the shared mapping of the state file;
-* the private descriptor that carries the mutex byte and this process's liveness byte;
-* a ``threading.RLock`` in front of the mutex (kernel byte locks do not exclude threads of
-  one process), and the two wake-up semaphores.
+The mutex is one of two backends, chosen by the creator and recorded in the header:
 
-Critical sections follow SPEC §5:
+* **kernel** (SPEC §5.1): an OFD byte lock on the private descriptor (a classic ``fcntl``
+  lock on a lock file where OFD locks do not exist); the kernel releases it when its holder
+  dies.  Two system calls per critical section.
+* **fast** (SPEC §5.8, the default): a third semaphore under the recoverable protocol of
+  ``_fastmutex``.  No system call when uncontended.
 
-* Lock nesting: the thread lock is taken first and released last, and the mutex is only ever
-  unlocked by the thread that owns the thread lock, with direct C calls in ``finally``
-  (design-review S2, S6).
-* Readiness ordering: the pipe byte is written *before* committing 0 → n and drained *after*
-  committing n → 0, under a ``dirty`` mark; the next holder that finds ``dirty`` repairs.
-* The wake rule of design-review §2.7: at the end of every critical section, post until the
-  posts not yet accounted (``P_r``) cover the readers that can proceed; after a read that
-  made room, post every registered writer.  A waiter accounts after every wait step; on a
-  timeout it absorbs a surplus post, on an exception it assumes it consumed one.
+Either way (SPEC §5):
+
+* Lock nesting: the thread lock is taken first and released last; only its owner ever
+  releases the mutex, in ``finally`` blocks that call C functions directly (design-review
+  S2, S6).  A fork from a handler inside the section gives the child a new thread lock, so
+  the interrupted frames in the child see that they are stale and release nothing (S4).
+* Readiness ordering: the pipe byte is written *before* committing 0 → n and drained
+  *after* committing n → 0, under a ``dirty`` mark; the next holder that finds ``dirty``
+  repairs (``_waiters``).  A write to a counter already > 0 is one aligned store and needs
+  no pipe operation.
 * No wait while holding the mutex: waits happen on a semaphore, outside, in bounded steps.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import threading
@@ -37,25 +39,22 @@ import posix_ipc
 
 from . import _faults as F
 from . import _lock, _notifier, _reentry, _wake
-from ._errors import StateError, closed_error, oserror, timeout_error, would_block
+from ._errors import StateError, closed_error, timeout_error, would_block
+from ._fastmutex import FastMutex
 from ._state import (
+    BACKEND_FAST,
     MAX_VALUE,
-    NSLOTS,
-    S_PID,
-    S_WR,
+    W_BACKEND,
     W_COUNTER,
     W_DIRTY,
-    W_EPOCH,
     W_FLAGS,
-    W_HWM,
     W_NONBLOCK,
-    W_PR,
-    W_PW,
+    W_SCRATCH,
     W_WR,
     W_WW,
     Mapping,
-    slot_word,
 )
+from ._waiters import CONSUMED, EXPIRED, FAILED, READER, WRITER
 
 # Bounded wait steps (SPEC §5.4: at most 250 ms on every platform).  The main thread blocks
 # signals during a step, so its step also bounds the latency of Ctrl-C.  Writers wait in
@@ -67,15 +66,13 @@ STEP_WRITER = 0.05
 # keep it for microseconds; only a stopped or badly descheduled one exceeds this.
 MUTEX_GRACE = 1.0
 
-READER, WRITER = 0, 1
-CONSUMED, EXPIRED, FAILED = 1, 2, 3
-
 _fcntl = fcntl.fcntl
 _monotonic = time.monotonic
 _SETLK = _lock.SETLK
 _SETLKW = _lock.SETLKW
 _LOCK = _lock.LOCK
 _UNLOCK = _lock.UNLOCK
+_BusyError = posix_ipc.BusyError
 _signal_ready = _notifier.signal_ready
 _drain = _notifier.drain
 _held = _reentry.held
@@ -84,64 +81,58 @@ _inside = _reentry.inside
 _drain_deferred = _reentry.drain
 
 
-class Core:
+def _nothing() -> None:
+    return None
+
+
+class Core(FastMutex):
     """The per-process attachment of one eventfd.  Built by ``_lifecycle`` only."""
 
     __slots__ = (
-        "abandoned",
-        "closing",
-        "ident",
-        "lock_ident",
-        "lock_path",
-        "map",
-        "name",
-        "on_idle",
-        "private",
-        "refs",
-        "released",
-        "rfd",
-        "sem_r",
-        "sem_w",
-        "semaphore",
-        "slot",
-        "state_fd",
-        "tlock",
-        "waiters",
-        "wfd",
-        "words",
+        "closing", "enter", "fast", "ident", "idle_word", "lock_ident", "lock_path", "map",
+        "name", "on_idle", "refs", "state_fd", "tlock", "unlock",
     )
 
     def __init__(
         self,
         name: str,
-        state_fd: int,
-        rfd: int,
-        wfd: int,
+        fds: tuple[int, int, int],
         mapping: Mapping,
-        sem_r: posix_ipc.Semaphore,
-        sem_w: posix_ipc.Semaphore,
+        sems: tuple[posix_ipc.Semaphore, posix_ipc.Semaphore, posix_ipc.Semaphore | None],
         lock_path: str,
         lock_ident: tuple[int, int],
     ) -> None:
         self.name = name
         self.ident = mapping.ident()
-        self.state_fd, self.rfd, self.wfd = state_fd, rfd, wfd
+        self.state_fd, self.rfd, self.wfd = fds
         self.map = mapping
         self.words = mapping.words
-        self.sem_r, self.sem_w = sem_r, sem_w
+        self.sem_r, self.sem_w = sems[0], sems[1]
         self.lock_path, self.lock_ident = lock_path, lock_ident
         self.semaphore = bool(mapping.words[W_FLAGS] & 1)
         self.private = -1
         self.tlock = threading.RLock()
         self.slot = -1
-        self.refs = 0
-        self.waiters = 0
-        self.closing = False
-        self.released = False
+        self.refs = self.waiters = 0
+        self.closing = self.released = self.fix_slot = False
         self.abandoned: list[int] = []
         self.on_idle: Callable[[Core], None] | None = None
+        self.seq = self.last_aside = self.idle_word = 0
+        self.first_fail = 0.0
+        self.fast = mapping.words[W_BACKEND] == BACKEND_FAST and sems[2] is not None
+        self.enter: Callable[[float | None, float], threading.RLock]
+        if self.fast:
+            assert sems[2] is not None
+            self.sem_m = sems[2]
+            self.enter = self._enter_fast
+            self.unlock: Callable[[], object] = self.sem_m.release
+            self.lockword = -1  # claimed before the first semaphore operation
+        else:
+            self.enter = self._enter_kernel
+            self.unlock = _nothing  # replaced when the private descriptor opens
+            self.lockword = W_SCRATCH
 
-    # -- entering and leaving a critical section -------------------------------------------
+    # -- entering a critical section --------------------------------------------------------
 
     def until(self, timeout: float | None) -> float | None:
         """Encode a public ``timeout`` as a deadline.
@@ -156,39 +147,41 @@ class Core:
             return -1.0
         return _monotonic() + timeout
 
-    def _enter(self, until: float | None, grace: float) -> threading.RLock:
-        """Take the thread lock, then the mutex; return the thread lock, or raise holding none.
-
-        The caller stores the returned lock and releases exactly that one: after a fork from
-        inside the section, ``self.tlock`` is the child's new lock (design-review S4).
-        """
+    def _take_thread_lock(self, until: float | None, grace: float) -> threading.RLock:
         tl = self.tlock
-        try:
-            if until is None:
-                tl.acquire()
-                if self.released:
-                    raise closed_error()
-                pd = self.private
-                if pd < 0:
-                    pd = self._open_private()
-                _fcntl(pd, _SETLKW, _LOCK)
-                return tl
+        if until is None:
+            tl.acquire()
+        else:
             limit = _monotonic() + grace if until < 0 else until
             if not tl.acquire(True, max(0.0, limit - _monotonic())):
                 raise _lock.busy_error(until < 0)
+        return tl
+
+    def _enter_kernel(self, until: float | None, grace: float) -> threading.RLock:
+        """Thread lock, then the kernel byte lock; returns holding both or raises holding none.
+
+        The caller releases exactly the thread lock returned (after a fork from inside the
+        section, ``self.tlock`` is the child's new lock: design-review S4).
+        """
+        tl = self.tlock
+        try:
+            tl = self._take_thread_lock(until, grace)
             if self.released:
                 raise closed_error()
             pd = self.private
             if pd < 0:
                 pd = self._open_private()
-            try:
-                _lock.lock_until(pd, limit)
-            except _lock.Busy:
-                raise _lock.busy_error(until < 0) from None
+            if until is None:
+                _fcntl(pd, _SETLKW, _LOCK)
+            else:
+                try:
+                    _lock.lock_until(pd, _monotonic() + grace if until < 0 else until)
+                except _lock.Busy:
+                    raise _lock.busy_error(until < 0) from None
             return tl
         except BaseException:
-            # Only the owner of the thread lock can hold this process's mutex, so unlocking
-            # it here is harmless even if the lock call itself was interrupted.
+            # Only the owner of the thread lock can hold this process's byte lock, so
+            # unlocking here is harmless even if the lock call itself was interrupted.
             if tl._is_owned():  # type: ignore[attr-defined]
                 try:
                     if self.private >= 0:
@@ -197,9 +190,68 @@ class Core:
                     tl.release()
             raise
 
+    def _enter_fast(self, until: float | None, grace: float) -> threading.RLock:
+        """Thread lock, then the mutex semaphore (lock-protocol §4); same contract."""
+        tl = self.tlock
+        try:
+            tl = self._take_thread_lock(until, grace)
+            if self.released:
+                raise closed_error()
+            lw = self.lockword
+            if lw < 0:
+                lw = self._claim_fast()
+            w = self.words
+            seq = self.seq + 1
+            w[lw] = (seq << 8) | 1  # ENTERING, before any semaphore operation (I1)
+            try:
+                if F.ARMED:
+                    F.hit("mutex.entering")
+            except BaseException:
+                w[lw] = (seq + 1) << 8  # IDLE
+                self.seq = seq + 1
+                raise
+            try:
+                # Nothing in this block but the trywait can raise, so an exception that is
+                # not posix_ipc's arrived after a successful take (_wake.taken_then_raised).
+                self.sem_m.acquire(0)
+            except _BusyError:
+                seq = self._acquire_slow(w, lw, seq, until, grace)
+            except BaseException as e:
+                if _wake.taken_then_raised(e):
+                    self.sem_m.release()
+                w[lw] = (seq + 1) << 8  # IDLE
+                self.seq = seq + 1
+                raise
+            self.seq = seq + 1
+            self.idle_word = (seq + 1) << 8  # IDLE, written right after the release post
+            try:
+                if self.first_fail:
+                    self.first_fail = 0.0
+                if self.fix_slot:
+                    self._settle_claim(w)
+                if F.ARMED:
+                    F.hit("mutex.taken")
+            except BaseException:
+                self.sem_m.release()
+                w[lw] = self.idle_word
+                raise
+            return tl
+        except BaseException:
+            if tl._is_owned():  # type: ignore[attr-defined]
+                tl.release()
+            raise
+
     def _open_private(self) -> int:
-        self.private = _lock.open_private(self.state_fd, self.lock_path, self.lock_ident)
-        return self.private
+        return self.adopt_private(
+            _lock.open_private(self.state_fd, self.lock_path, self.lock_ident)
+        )
+
+    def adopt_private(self, pd: int) -> int:
+        """Use ``pd`` as this process's private descriptor (kernel byte locks live on it)."""
+        self.private = pd
+        if not self.fast:
+            self.unlock = _lock.unlocker(pd)
+        return pd
 
     # -- the operations ---------------------------------------------------------------------
 
@@ -212,9 +264,9 @@ class Core:
             while True:
                 held[0] += 1
                 try:
-                    tl = self._enter(until, grace)
+                    w = self.words
+                    tl = self.enter(until, grace)
                     try:
-                        w = self.words
                         if w[W_DIRTY]:
                             self._repair(w)
                         if F.ARMED:
@@ -254,7 +306,15 @@ class Core:
                         registered = True
                     finally:
                         try:
-                            _fcntl(self.private, _SETLK, _UNLOCK)
+                            try:
+                                if tl is self.tlock:
+                                    self.unlock()
+                            finally:
+                                try:
+                                    if F.ARMED:
+                                        F.hit("mutex.posted")
+                                finally:
+                                    w[self.lockword] = self.idle_word
                         finally:
                             tl.release()
                 finally:
@@ -281,9 +341,9 @@ class Core:
             while True:
                 held[0] += 1
                 try:
-                    tl = self._enter(until, grace)
+                    w = self.words
+                    tl = self.enter(until, grace)
                     try:
-                        w = self.words
                         if w[W_DIRTY]:
                             self._repair(w)
                         if F.ARMED:
@@ -329,7 +389,15 @@ class Core:
                         registered = True
                     finally:
                         try:
-                            _fcntl(self.private, _SETLK, _UNLOCK)
+                            try:
+                                if tl is self.tlock:
+                                    self.unlock()
+                            finally:
+                                try:
+                                    if F.ARMED:
+                                        F.hit("mutex.posted")
+                                finally:
+                                    w[self.lockword] = self.idle_word
                         finally:
                             tl.release()
                 finally:
@@ -383,193 +451,30 @@ class Core:
             return CONSUMED
         return EXPIRED
 
-    def _register(self, w: memoryview, cls: int) -> None:
-        """Register the calling thread as a waiter of class ``cls`` (under the mutex)."""
-        if self.abandoned:
-            self._settle_abandoned(w)
-        if self.slot < 0:
-            self._claim_slot(w)
-        # No call between these stores: a signal handler cannot split them, and a SIGKILL
-        # leaves ``dirty`` for the repair, which recounts W from the slots.
-        count = W_WR + 2 * cls
-        mine = slot_word(self.slot, S_WR + cls)
-        w[W_DIRTY] = 1
-        w[count] += 1
-        w[mine] += 1
-        w[W_DIRTY] = 0
-        self.waiters += 1
-        if F.ARMED:
-            F.hit("wait.registered")
-
-    def _account(self, w: memoryview, cls: int, kind: int) -> None:
-        """Undo a registration after a wait step (under the mutex)."""
-        count = W_WR + 2 * cls
-        posts = count + 1
-        mine = slot_word(self.slot, S_WR + cls)
-        w[W_DIRTY] = 1
-        if w[count]:
-            w[count] -= 1
-        if w[mine]:
-            w[mine] -= 1
-        if kind == EXPIRED:
-            # A post issued for us may have arrived as the step ended: absorb a surplus so
-            # strays cannot pile up (design-review W2).
-            if w[posts] > w[count] and _wake.try_take(self.sem_w if cls else self.sem_r):
-                w[posts] -= 1
-        elif w[posts]:
-            # Consumed, or unknown (an exception): assume consumed (design-review W1).
-            w[posts] -= 1
-        if kind == EXPIRED:
-            self._correct_dead(w)
-        w[W_DIRTY] = 0
-        self.waiters -= 1
-        if kind != CONSUMED:
-            self._restore(w)
-            self._restore_writers(w)
-        if self.abandoned:
-            self._settle_abandoned(w)
-        if F.ARMED:
-            F.hit("wait.accounted")
-
     def _abandon(self, cls: int) -> None:
         """Account a registration whose wait ended by an exception (its outcome unknown)."""
         self.abandoned.append(cls)
         _held[0] += 1
         try:
-            tl = self._enter(None, MUTEX_GRACE)
+            w = self.words
+            tl = self.enter(None, MUTEX_GRACE)
             try:
-                w = self.words
                 if w[W_DIRTY]:
                     self._repair(w)
                 self._settle_abandoned(w)
             finally:
                 try:
-                    _fcntl(self.private, _SETLK, _UNLOCK)
+                    try:
+                        if tl is self.tlock:
+                            self.unlock()
+                    finally:
+                        w[self.lockword] = self.idle_word
                 finally:
                     tl.release()
         finally:
             _held[0] -= 1
             if _deferred and not _inside():
                 _drain_deferred()
-
-    def _settle_abandoned(self, w: memoryview) -> None:
-        # Entries are appended before the accounting is attempted, so a second exception
-        # during it leaves the entry here for the next critical section of this process.
-        while self.abandoned:
-            cls = self.abandoned.pop()
-            self._account(w, cls, FAILED)
-
-    # -- posting ----------------------------------------------------------------------------
-
-    def _restore(self, w: memoryview) -> None:
-        """Post until pending posts cover the readers that can proceed (post, then account)."""
-        c = w[W_COUNTER]
-        if not c:
-            return
-        waiting = w[W_WR]
-        want = (c if c < waiting else waiting) if self.semaphore else (1 if waiting else 0)
-        pending = w[W_PR]
-        while pending < want:
-            if not _wake.post(self.sem_r):
-                return
-            pending += 1
-            w[W_PR] = pending
-
-    def _restore_writers(self, w: memoryview) -> None:
-        """Room appeared: wake every registered writer; each re-checks its own size."""
-        waiting = w[W_WW]
-        pending = w[W_PW]
-        while pending < waiting:
-            if not _wake.post(self.sem_w):
-                return
-            pending += 1
-            w[W_PW] = pending
-
-    # -- slots, dead waiters and repair -----------------------------------------------------
-
-    def _claim_slot(self, w: memoryview) -> None:
-        """Claim a slot: lock its liveness byte first, then correct what a dead owner left."""
-        pd = self.private
-        hwm = min(w[W_HWM], NSLOTS)
-        for i in range(NSLOTS):
-            base = slot_word(i, S_PID)
-            if i < hwm and w[base] and _lock.slot_alive(pd, i):
-                continue
-            if not _lock.claim_liveness(pd, i):
-                continue
-            w[W_DIRTY] = 1
-            self._forget_slot(w, i)
-            w[base] = os.getpid()
-            if i >= hwm:
-                w[W_HWM] = i + 1
-            w[W_DIRTY] = 0
-            self.slot = i
-            if F.ARMED:
-                F.hit("attach.slot")
-            return
-        raise oserror(errno.EUSERS, f"more than {NSLOTS} processes wait on this eventfd")
-
-    def _forget_slot(self, w: memoryview, i: int) -> None:
-        """Remove a dead slot's registrations, assuming each consumed a post (W5)."""
-        base = slot_word(i, S_PID)
-        for cls in (READER, WRITER):
-            n = w[base + S_WR + cls]
-            if n:
-                count = W_WR + 2 * cls
-                w[count] -= min(w[count], n)
-                w[count + 1] -= min(w[count + 1], n)
-                w[base + S_WR + cls] = 0
-        w[base] = 0
-
-    def _correct_dead(self, w: memoryview) -> None:
-        """Drop the registrations of processes whose liveness byte the kernel released.
-
-        The caller has set ``dirty``: a death halfway leaves the recount to the repair.
-        """
-        pd = self.private
-        for i in range(min(w[W_HWM], NSLOTS)):
-            if i == self.slot:
-                continue
-            base = slot_word(i, S_PID)
-            if w[base] and (w[base + S_WR] or w[base + S_WR + 1]) and not _lock.slot_alive(pd, i):
-                self._forget_slot(w, i)
-
-    def _repair(self, w: memoryview) -> None:
-        """A holder died between related updates: re-derive everything from committed values.
-
-        Idempotent (``dirty`` stays set until the end), so a death during the repair only
-        makes the next holder repeat it.
-        """
-        if F.ARMED:
-            F.hit("repair.start")
-        self._correct_dead(w)
-        readers = writers = 0
-        for i in range(min(w[W_HWM], NSLOTS)):
-            base = slot_word(i, S_PID)
-            if w[base]:
-                readers += w[base + S_WR]
-                writers += w[base + S_WR + 1]
-        w[W_WR], w[W_WW] = readers, writers
-        w[W_PR] = min(w[W_PR], readers)
-        w[W_PW] = min(w[W_PW], writers)
-        if F.ARMED:
-            F.hit("repair.slots")
-        # Re-derive readiness from the committed counter (SPEC §5.2).
-        queued = _notifier.pending(self.rfd)
-        if w[W_COUNTER] and not queued:
-            _signal_ready(self.wfd)
-        elif not w[W_COUNTER] and queued:
-            _drain(self.rfd)
-        if F.ARMED:
-            F.hit("repair.pipe")
-        self._restore(w)
-        self._restore_writers(w)
-        if F.ARMED:
-            F.hit("repair.posted")
-        w[W_EPOCH] += 1
-        w[W_DIRTY] = 0
-        if F.ARMED:
-            F.hit("repair.done")
 
     # -- life cycle hooks -------------------------------------------------------------------
 
@@ -580,7 +485,11 @@ class Core:
             callback(self)
 
     def after_fork_child(self) -> None:
-        """Fork child: drop everything per-process; re-attach lazily on first use (M2, S4)."""
+        """Fork child: drop everything per-process; re-attach lazily on first use (M2, S4).
+
+        The new thread lock is also the generation mark: frames of an operation the fork
+        interrupted hold the old one, see it differ, and release nothing.
+        """
         if self.private >= 0:
             try:
                 # Closing a copy never releases the parent's locks (its copy stays open).
@@ -595,3 +504,12 @@ class Core:
         self.slot = -1
         self.waiters = 0
         self.abandoned = []
+        self.first_fail = 0.0
+        self.fix_slot = False
+        if self.fast:
+            self.lockword = -1
+        else:
+            self.unlock = _nothing
+
+
+__all__ = ["CONSUMED", "EXPIRED", "FAILED", "READER", "WRITER", "Core"]

@@ -40,11 +40,14 @@ STEPS = (
     "read.before_unlock", "read.unlocked",
     # A blocked read()/write(): registration, the wait step, the accounting after it.
     "wait.registered", "wait.step", "wait.consumed", "wait.accounted",
+    # The fast mutex: after the ENTERING store, after the token is taken, after the post;
+    # an elected prover, and a takeover of a dead holder's token.
+    "mutex.entering", "mutex.taken", "mutex.posted", "recover.elected", "recover.takeover",
     # Repair of a dead holder's half-done update.
     "repair.start", "repair.slots", "repair.pipe", "repair.posted", "repair.done",
     # Construction, attach and detach.
     "create.file", "create.fallocate", "create.mmap", "create.pipe", "create.published",
-    "create.sem_r", "create.sem_w", "create.lockfile",
+    "create.sem_r", "create.sem_w", "create.sem_m", "create.lockfile",
     "attach.validated", "attach.sems", "attach.private", "attach.slot",
     "detach.closed", "detach.unlinking",
 )

@@ -37,18 +37,22 @@ from collections.abc import Iterator
 import posix_ipc
 
 from . import _faults as F
-from . import _names, _notifier, _reentry
+from . import _lock, _names, _notifier, _reentry
 from ._core import Core
 from ._errors import StateError, oserror
 from ._probe import PLATFORM
 from ._state import (
+    BACKEND_FAST,
+    BACKEND_KERNEL,
     HEADER_WORDS,
     ID_BYTES,
     SIZE,
+    W_BACKEND,
     W_LOCK_DEV,
     W_LOCK_INO,
     W_PIPE_DEV,
     W_PIPE_INO,
+    W_SEM_M_INO,
     W_SEM_R_INO,
     W_SEM_W_INO,
     Mapping,
@@ -63,6 +67,11 @@ _pending: set[str] = set()  # names whose liveness test failed at our last detac
 _janitor: threading.Thread | None = None
 _last_sweep = 0.0
 SWEEP_INTERVAL = 1.0
+# The mutex of new eventfds: "fast" (SPEC §5.8, the default) or "kernel" (SPEC §5.1).
+# Attachers follow whatever the creator chose, as recorded in the header.
+BACKENDS = {"fast": BACKEND_FAST, "kernel": BACKEND_KERNEL}
+default_backend = BACKENDS.get(os.environ.get("MPEVENTFD_MUTEX", "fast"), BACKEND_FAST)
+_SEM_WORDS = {"r": W_SEM_R_INO, "w": W_SEM_W_INO, "m": W_SEM_M_INO}
 
 
 # -- creation -------------------------------------------------------------------------------
@@ -71,10 +80,12 @@ SWEEP_INTERVAL = 1.0
 def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
     """Build and publish a new eventfd; on any failure leave no fd, mapping or name behind."""
     _sweep_now_and_then()
+    backend = default_backend
+    kinds = "rwm" if backend == BACKEND_FAST else "rw"
     ident = _names.new_id()
     name = _names.encode(ident)
     path = _names.state_path(name)
-    fd = r = w = -1
+    fd = r = w = pd = -1
     mapping: Mapping | None = None
     sems: list[posix_ipc.Semaphore] = []
     made: list[str] = []  # names created so far, for the teardown
@@ -98,31 +109,39 @@ def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
         mapping.words[W_PIPE_DEV], mapping.words[W_PIPE_INO] = pipe.st_dev, pipe.st_ino
         if initval:
             _notifier.signal_ready(w)
-        initialise(mapping, ident, semaphore, nonblocking, initval)
+        initialise(mapping, ident, semaphore, nonblocking, initval, backend)
         _publish(fd, temp, path)
         made.append(path)
         if temp:
             made.remove(temp)
         if F.ARMED:
             F.hit("create.published")
-        for kind, word in (("r", W_SEM_R_INO), ("w", W_SEM_W_INO)):
+        for kind in kinds:
             sems.append(_sem_open(_names.sem_name(name, kind), create=True))
             made.append(_names.sem_name(name, kind))
-            mapping.words[word] = _sem_ino(name, kind)
+            mapping.words[_SEM_WORDS[kind]] = _sem_ino(name, kind)
             if F.ARMED:
                 F.hit("create.sem_" + kind)
+        if backend == BACKEND_FAST:
+            sems[2].release()  # the mutex token
         lock_ident = (0, 0)
         if not PLATFORM.ofd_locks:
-            lock_ident = _create_lock_file(name)
             made.append(_names.lock_path(name))
+            lock_ident = _create_lock_file(name)
+            if F.ARMED:
+                F.hit("create.lockfile")
             mapping.words[W_LOCK_DEV], mapping.words[W_LOCK_INO] = lock_ident
-        core = Core(name, fd, r, w, mapping, sems[0], sems[1], _names.lock_path(name), lock_ident)
+        # The private descriptor opens now, while every name exists: a handle keeps working
+        # if something outside removes the names later (only a fork child reopens it).
+        pd = _lock.open_private(fd, _names.lock_path(name), lock_ident)
+        core = Core(name, (fd, r, w), mapping, _three(sems), _names.lock_path(name), lock_ident)
+        core.adopt_private(pd)
     except BaseException:
         for sem in sems:
             sem.close()
         if mapping is not None:
             mapping.close()
-        for x in (fd, r, w):
+        for x in (fd, r, w, pd):
             if x >= 0:
                 os.close(x)
         for made_name in reversed(made):
@@ -179,8 +198,6 @@ def _create_lock_file(name: str) -> tuple[int, int]:
         st = os.fstat(fd)
     finally:
         os.close(fd)
-    if F.ARMED:
-        F.hit("create.lockfile")
     return st.st_dev, st.st_ino
 
 
@@ -278,6 +295,7 @@ def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
         return existing
     mapping = Mapping(state_fd)
     sems: list[posix_ipc.Semaphore] = []
+    pd = -1
     try:
         validate(mapping, st.st_size)
         if F.ARMED:
@@ -285,24 +303,36 @@ def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
         words = mapping.words
         _check_pipe(rfd, wfd, (words[W_PIPE_DEV], words[W_PIPE_INO]))
         _check_named(name, st)
-        for kind, word in (("r", W_SEM_R_INO), ("w", W_SEM_W_INO)):
+        kinds = "rwm" if words[W_BACKEND] == BACKEND_FAST else "rw"
+        for kind in kinds:
             sems.append(_sem_open(_names.sem_name(name, kind), create=False))
-            if words[word] and _sem_ino(name, kind) != words[word]:
+            ino = words[_SEM_WORDS[kind]]
+            if ino and _sem_ino(name, kind) != ino:
                 raise StateError(f"semaphore {_names.sem_name(name, kind)} is not the original")
         if F.ARMED:
             F.hit("attach.sems")
         lock_ident = (int(words[W_LOCK_DEV]), int(words[W_LOCK_INO]))
         if not PLATFORM.ofd_locks and lock_ident == (0, 0):
             raise StateError("this eventfd was created without a lock file; mixed backends")
-        core = Core(name, state_fd, rfd, wfd, mapping, sems[0], sems[1],
+        pd = _lock.open_private(state_fd, _names.lock_path(name), lock_ident)
+        core = Core(name, (state_fd, rfd, wfd), mapping, _three(sems),
                     _names.lock_path(name), lock_ident)
+        core.adopt_private(pd)
     except BaseException:
         for sem in sems:
             sem.close()
         mapping.close()
+        if pd >= 0:
+            os.close(pd)
         raise
     _register_locked(core)
     return core
+
+
+def _three(
+    sems: list[posix_ipc.Semaphore],
+) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore, posix_ipc.Semaphore | None]:
+    return sems[0], sems[1], sems[2] if len(sems) > 2 else None
 
 
 def _check_state_fd(fd: int) -> os.stat_result:
@@ -450,6 +480,8 @@ def _close_resources(core: Core) -> None:
     # a waiter unmaps its futex and crashes the interpreter (design-review L4).
     core.sem_r.close()
     core.sem_w.close()
+    if core.fast:
+        core.sem_m.close()
     core.map.close()
     for attr in ("private", "state_fd", "rfd", "wfd"):
         fd = getattr(core, attr)
@@ -490,7 +522,7 @@ def liveness_test(name: str) -> bool:
 
 
 def _unlink_secondary(name: str) -> None:
-    for kind in ("r", "w"):
+    for kind in "rwm":
         _unlink(_names.sem_name(name, kind))
     _unlink(_names.lock_path(name))
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import time
 
 from ._errors import timeout_error
 from ._probe import PLATFORM, flock_struct, flock_type
-from ._state import LIVENESS_BASE, MUTEX_BYTE
+from ._state import ELECTION_BYTE, LIVENESS_BASE, MUTEX_BYTE
 
 SETLK = PLATFORM.setlk
 SETLKW = PLATFORM.setlkw
@@ -75,6 +76,40 @@ def lock_until(fd: int, deadline: float) -> None:
             raise Busy
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, 2e-3)
+
+
+def unlocker(fd: int) -> functools.partial[object]:
+    """A C-level callable that unlocks the mutex byte of ``fd``.
+
+    Called from ``finally`` blocks: a Python function could be interrupted by a signal
+    handler at its first line, before it unlocks (design-review S6); a ``partial`` of
+    ``fcntl.fcntl`` runs no Python code.
+    """
+    return functools.partial(fcntl.fcntl, fd, SETLK, UNLOCK)
+
+
+def lock_byte(fd: int, byte: int) -> None:
+    """Take a byte lock, waiting: its holders never wait for anything while holding it."""
+    fcntl.fcntl(fd, SETLKW, flock_struct(fcntl.F_WRLCK, byte))
+
+
+def unlock_byte(fd: int, byte: int) -> None:
+    fcntl.fcntl(fd, SETLK, flock_struct(fcntl.F_UNLCK, byte))
+
+
+def try_election(fd: int) -> bool:
+    """Take the election byte of the fast mutex's recovery, never waiting."""
+    try:
+        fcntl.fcntl(fd, SETLK, flock_struct(fcntl.F_WRLCK, ELECTION_BYTE))
+    except OSError as e:
+        if e.errno in _BUSY:
+            return False
+        raise
+    return True
+
+
+def end_election(fd: int) -> None:
+    fcntl.fcntl(fd, SETLK, flock_struct(fcntl.F_UNLCK, ELECTION_BYTE))
 
 
 def claim_liveness(fd: int, slot: int) -> bool:

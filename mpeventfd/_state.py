@@ -23,7 +23,12 @@ word   meaning
 18     pid of the creator (diagnostics)
 19-20  st_ino of the two semaphores where the OS shows them as files (else 0)
 21-22  st_dev/st_ino of the lock file (portable backend only, else 0)
-32-    slots, one per process that has ever waited: pid, w_r, w_w, unused
+23-24  fast mutex: recovery request generation and the last one resolved (hints only)
+25     the mutex backend: 0 = kernel byte lock, 1 = fast (semaphore, lock-protocol §4)
+26     st_ino of the mutex semaphore where the OS shows it as a file (else 0)
+27     scratch word (the kernel backend's release stores here; nobody reads it)
+32-    slots, one per process that waits or takes the fast mutex: pid, w_r, w_w, and the
+       process's mutex word ``seq << 8 | phase`` (phase IDLE, ENTERING or ASIDE)
 =====  ============================================================================
 """
 
@@ -43,9 +48,13 @@ W_FLAGS, W_NONBLOCK, W_DIRTY, W_COUNTER = 5, 6, 7, 8
 W_WR, W_PR, W_WW, W_PW = 9, 10, 11, 12
 W_PIPE_DEV, W_PIPE_INO, W_EPOCH, W_NSLOTS, W_HWM, W_CREATOR = 13, 14, 15, 16, 17, 18
 W_SEM_R_INO, W_SEM_W_INO, W_LOCK_DEV, W_LOCK_INO = 19, 20, 21, 22
+W_REQ, W_RESOLVED, W_BACKEND, W_SEM_M_INO, W_SCRATCH = 23, 24, 25, 26, 27
 HEADER_WORDS = 32
 SLOT_WORDS = 4
-S_PID, S_WR, S_WW = 0, 1, 2
+S_PID, S_WR, S_WW, S_LOCK = 0, 1, 2, 3
+# Phases of a slot's mutex word (lock-protocol §4, "§5'").
+IDLE, ENTERING, ASIDE = 0, 1, 2
+BACKEND_KERNEL, BACKEND_FAST = 0, 1
 NSLOTS = 1024
 SIZE = (HEADER_WORDS + NSLOTS * SLOT_WORDS) * 8  # 33,024 bytes: under SPEC §7 P8's 64 KiB
 ID_BYTES = slice(W_ID * 8, W_ID * 8 + 16)
@@ -53,6 +62,7 @@ ID_BYTES = slice(W_ID * 8, W_ID * 8 + 16)
 # Byte offsets of kernel locks.  They are lock ranges, not data: a byte-range lock may lie
 # beyond the end of the file (fcntl(2)).  One mutex byte, then one liveness byte per slot.
 MUTEX_BYTE = 0
+ELECTION_BYTE = 1
 LIVENESS_BASE = 4096
 
 
@@ -92,9 +102,12 @@ class Mapping:
         return bytes(self.mm[ID_BYTES])
 
 
-def initialise(m: Mapping, ident: bytes, semaphore: bool, nonblock: bool, initval: int) -> None:
+def initialise(
+    m: Mapping, ident: bytes, semaphore: bool, nonblock: bool, initval: int, backend: int
+) -> None:
     """Write a fresh header; the magic goes last, so a half-written header never validates."""
     w = m.words
+    w[W_BACKEND] = backend
     m.mm[ID_BYTES] = ident
     w[W_VERSION] = VERSION
     w[W_SIZE] = SIZE
@@ -113,6 +126,7 @@ _BOUNDS = (
     (W_DIRTY, 1),
     (W_COUNTER, MAX_VALUE),
     (W_HWM, NSLOTS),
+    (W_BACKEND, BACKEND_FAST),
 )
 
 

@@ -93,3 +93,81 @@ def post(sem: posix_ipc.Semaphore) -> bool:
             return False
         raise
     return True
+
+
+# -- taking the fast mutex's semaphore ------------------------------------------------------
+#
+# A semaphore used as a mutex has no owner, so "did I get it?" must never be lost.  CPython
+# runs signal handlers at the check that follows a C call, so an exception can arrive right
+# after a successful sem_wait, before the caller has recorded anything (lock-protocol L3a).
+# The exception's origin tells the two cases apart: posix_ipc raises its own errors (and
+# OSError) from inside the call, when nothing was taken; any other exception in the main
+# thread came from a handler after the call returned, when the token *was* taken.  The
+# caller receives that case as HeldAfter and gives the token back before re-raising.
+
+SEM_ERRORS = (posix_ipc.Error, OSError)
+
+
+class HeldAfter(Exception):
+    """The semaphore was taken, then ``original`` arrived before the caller knew."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+def taken_then_raised(exc: BaseException) -> bool:
+    """Classify an exception from ``sem.acquire(0)`` (no signal can interrupt a trywait)."""
+    return not isinstance(exc, SEM_ERRORS) and threading.current_thread() is _main_thread()
+
+
+def take_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
+    """Wait at most ``seconds`` to take ``sem``; raise :class:`HeldAfter` as explained above."""
+    if not PLATFORM.sem_timedwait:
+        return _take_polling(sem, seconds)
+    if threading.current_thread() is not _main_thread():
+        try:
+            sem.acquire(seconds)
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return False
+        return True
+    base = _sigmask(_BLOCK, _NOTHING)
+    stage = 0
+    try:
+        _sigmask(_BLOCK, ASYNC_SIGNALS)
+        stage = 1
+        sem.acquire(seconds)
+        stage = 2
+        _sigmask(_SETMASK, base)  # a handler that waited for the mask runs right after this
+    except posix_ipc.BusyError:
+        _sigmask(_SETMASK, base)
+        return False
+    except BaseException as e:
+        if stage < 2:
+            _sigmask(_SETMASK, base)
+        # Signals were blocked in this thread, so nothing interrupted the wait itself.
+        if stage == 2 or (stage == 1 and not isinstance(e, SEM_ERRORS)):
+            raise HeldAfter(e) from e
+        raise
+    return True
+
+
+def _take_polling(sem: posix_ipc.Semaphore, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    delay = 0.001
+    while True:
+        try:
+            sem.acquire(0)
+        except posix_ipc.BusyError:
+            pass
+        except BaseException as e:
+            if taken_then_raised(e):
+                raise HeldAfter(e) from e
+            raise
+        else:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.02)

@@ -20,12 +20,19 @@ import pytest
 from conftest import mpefd_entries
 from helpers import FORK, finish, python, reaped
 from mpeventfd import EventFD, _lifecycle, _names, from_handle, recv_eventfd, send_eventfd
+from mpeventfd._probe import PLATFORM
 
 
 def names_of(efd: EventFD) -> set[str]:
+    """The state file and the semaphores (``-m`` only with the fast mutex)."""
     core = efd._core
     assert core is not None
-    return {core.name, f"{core.name}-r", f"{core.name}-w"}
+    kinds = "rwm" if core.fast else "rw"
+    lock = set() if PLATFORM.ofd_locks else {f"{core.name}.lock"}
+    return {core.name} | {f"{core.name}-{k}" for k in kinds} | lock
+
+
+NAMES_PER_EVENTFD = (4 if _lifecycle.default_backend == 1 else 3) + (not PLATFORM.ofd_locks)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -47,7 +54,7 @@ def cleanup_cli() -> str:
 def test_close_removes_every_name_at_once() -> None:
     before = mpefd_entries()
     efd = EventFD()
-    assert len(mpefd_entries() - before) == 3  # the state file and two semaphores
+    assert mpefd_entries() - before == names_of(efd)
     efd.close()
     assert mpefd_entries() == before
 
@@ -68,7 +75,7 @@ def test_owner_only_mode_on_every_named_object() -> None:
             core = efd._core
             assert core is not None
             paths = [_names.state_path(core.name)]
-            paths += [_names.sem_file(core.name, k) for k in "rw"]
+            paths += [_names.sem_file(core.name, k) for k in ("rwm" if core.fast else "rw")]
             for path in paths:
                 st = os.stat(path)
                 assert stat.S_IMODE(st.st_mode) == 0o600, path
@@ -94,7 +101,7 @@ def test_os_exit_or_sigkill_then_cleanup_leaves_shm_as_it_was(death: str) -> Non
     before = mpefd_entries()
     code = f"import os\nfrom mpeventfd import EventFD\nkeep = EventFD(5)\n{death}\n"
     python(code)
-    assert len(mpefd_entries() - before) == 3  # no finalizer ran: debris until a cleanup
+    assert len(mpefd_entries() - before) == NAMES_PER_EVENTFD  # no finalizer ran
     out = cleanup_cli()
     assert "1 unused eventfd(s) removed" in out
     assert mpefd_entries() == before
@@ -103,7 +110,7 @@ def test_os_exit_or_sigkill_then_cleanup_leaves_shm_as_it_was(death: str) -> Non
 def test_creation_sweeps_debris_of_dead_processes() -> None:
     before = mpefd_entries()
     python("import os\nfrom mpeventfd import EventFD\nkeep = EventFD()\nos._exit(0)\n")
-    assert len(mpefd_entries() - before) == 3
+    assert len(mpefd_entries() - before) == NAMES_PER_EVENTFD
     _lifecycle._last_sweep = 0.0  # let the next creation sweep now
     with EventFD() as efd:
         assert mpefd_entries() - before == names_of(efd)
@@ -120,8 +127,9 @@ def test_multiprocessing_fork_child_as_last_holder() -> None:
     p = FORK.Process(target=_hold, args=(efd, go))
     p.start()
     with reaped(p):
+        mine = names_of(efd)
         efd.close()
-        assert len(mpefd_entries() - before) == 3  # the child still holds it
+        assert mine <= mpefd_entries()  # the child still holds it
         go.set()
         assert finish(p) == 0
     assert wait_for(lambda: mpefd_entries() == before, 5)
@@ -248,9 +256,11 @@ def test_names_removed_from_outside_are_never_recreated() -> None:
     with EventFD() as efd:
         core = efd._core
         assert core is not None
-        for kind in "rw":
+        for kind in "rwm" if core.fast else "rw":
             os.unlink(_names.sem_file(core.name, kind))
         os.unlink(_names.state_path(core.name))
+        if not PLATFORM.ofd_locks:
+            os.unlink(_names.lock_path(core.name))
         efd.write(2)
         assert efd.read() == 2
         efd.set_inheritable(True)
