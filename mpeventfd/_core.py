@@ -272,8 +272,11 @@ class Core(FastMutex):
                         if F.ARMED:
                             F.hit("write.locked")
                         if registered:
-                            self._account(w, WRITER, kind)
+                            self._unregister(w, WRITER, kind)
                             registered = False
+                            self._after_wait(w, WRITER, kind)
+                            if F.ARMED:
+                                F.hit("wait.accounted")
                         c = w[W_COUNTER]
                         if value <= MAX_VALUE - c:
                             if c or not value:
@@ -304,6 +307,14 @@ class Core(FastMutex):
                             raise would_block() if until < 0 else timeout_error()
                         self._register(w, WRITER)
                         registered = True
+                        if F.ARMED:
+                            F.hit("wait.registered")
+                    except BaseException:
+                        # An exception inside the section (a handler's, at any bytecode)
+                        # leaves it whole: repair what it left dirty before unlocking.
+                        if w[W_DIRTY]:
+                            self._repair(w)
+                        raise
                     finally:
                         try:
                             try:
@@ -349,8 +360,11 @@ class Core(FastMutex):
                         if F.ARMED:
                             F.hit("read.locked")
                         if registered:
-                            self._account(w, READER, kind)
+                            self._unregister(w, READER, kind)
                             registered = False
+                            self._after_wait(w, READER, kind)
+                            if F.ARMED:
+                                F.hit("wait.accounted")
                         c = w[W_COUNTER]
                         if c:
                             if c > MAX_VALUE:
@@ -387,6 +401,12 @@ class Core(FastMutex):
                             raise would_block() if until < 0 else timeout_error()
                         self._register(w, READER)
                         registered = True
+                        if F.ARMED:
+                            F.hit("wait.registered")
+                    except BaseException:
+                        if w[W_DIRTY]:
+                            self._repair(w)
+                        raise
                     finally:
                         try:
                             try:

@@ -79,43 +79,54 @@ class Waiters:
         w[mine] += 1
         w[W_DIRTY] = 0
         self.waiters += 1
-        if F.ARMED:
-            F.hit("wait.registered")
 
-    def _account(self, w: memoryview, cls: int, kind: int) -> None:
-        """Undo a registration after a wait step."""
+    def _unregister(self, w: memoryview, cls: int, kind: int) -> None:
+        """Undo a registration after a wait step: stores only.
+
+        No call happens between the entry of this method and its return, so a signal
+        handler can interrupt it only before the first store; the caller marks itself
+        unregistered right after it returns.  ``kind`` is EXPIRED, CONSUMED, or FAILED (an
+        exception: outcome unknown, so assume consumed: design-review W1).
+        """
         count = W_WR + 2 * cls
-        posts = count + 1
         mine = slot_word(self.slot, S_WR + cls)
         w[W_DIRTY] = 1
         if w[count]:
             w[count] -= 1
         if w[mine]:
             w[mine] -= 1
-        if kind == EXPIRED:
-            # A post issued for us may have arrived as the step ended: absorb a surplus so
-            # strays cannot pile up (design-review W2).
-            if w[posts] > w[count] and _wake.try_take(self.sem_w if cls else self.sem_r):
-                w[posts] -= 1
-            self._correct_dead(w)
-        elif w[posts]:
-            w[posts] -= 1  # consumed, or unknown: assume consumed (design-review W1)
+        if kind != EXPIRED and w[count + 1]:
+            w[count + 1] -= 1
         w[W_DIRTY] = 0
         self.waiters -= 1
+
+    def _after_wait(self, w: memoryview, cls: int, kind: int) -> None:
+        """What follows an unregistration: absorb a stray, drop dead waiters, restore."""
+        if kind == EXPIRED:
+            posts = W_WR + 2 * cls + 1
+            if w[posts] > w[posts - 1]:
+                # A post issued for us may have arrived as the step ended: absorb the surplus
+                # so strays cannot pile up (design-review W2).  Account first, then take:
+                # an interruption in between leaves a stray post, never a missing one.
+                w[posts] -= 1
+                if not _wake.try_take(self.sem_w if cls else self.sem_r):
+                    w[posts] += 1
+            w[W_DIRTY] = 1
+            self._correct_dead(w)
+            w[W_DIRTY] = 0
         if kind != CONSUMED:
             self._restore(w)
             self._restore_writers(w)
         if self.abandoned:
             self._settle_abandoned(w)
-        if F.ARMED:
-            F.hit("wait.accounted")
 
     def _settle_abandoned(self, w: memoryview) -> None:
         # Entries are appended before the accounting is attempted, so a second exception
         # during it leaves the entry here for the next critical section of this process.
         while self.abandoned:
             cls = self.abandoned.pop()
-            self._account(w, cls, FAILED)
+            self._unregister(w, cls, FAILED)
+            self._after_wait(w, cls, FAILED)
 
     def _restore(self, w: memoryview) -> None:
         """Post until pending posts cover the readers that can proceed (post, then account)."""

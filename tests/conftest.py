@@ -7,10 +7,39 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from mpeventfd import _lifecycle, _names
+
+# Figures the reliability tests produce, printed at the end of the run (README "Reliability").
+FIGURES: dict[str, list[float]] = {}
+
+
+def record(name: str, value: float) -> None:
+    FIGURES.setdefault(name, []).append(value)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    terminalreporter.section("mpeventfd reliability figures")
+    for name, values in sorted(FIGURES.items()):
+        ordered = sorted(values)
+        median = ordered[len(ordered) // 2]
+        terminalreporter.write_line(
+            f"{name}: n={len(values)} sum={sum(values):.0f} median={median:.4f} "
+            f"max={ordered[-1]:.4f}"
+        )
+
+
+@pytest.fixture(params=["fast", "kernel"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per mutex backend (eventfds created inside it use that backend)."""
+    name: str = request.param
+    monkeypatch.setattr(_lifecycle, "default_backend", _lifecycle.BACKENDS[name])
+    return name
 
 
 def mpefd_entries() -> set[str]:
