@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import math
 import operator
@@ -9,7 +10,7 @@ import os
 from types import TracebackType
 from typing import NoReturn
 
-from . import _lifecycle, _reentry
+from . import _aio, _lifecycle, _lock, _reentry
 from ._core import Core
 from ._errors import closed_error, oserror
 from ._state import MAX_VALUE
@@ -153,6 +154,55 @@ class EventFD:
             raise closed_error()
         core.write(value, -1.0)
 
+    async def aread(self) -> int:
+        """``read()`` for asyncio: wait until readable without blocking the event loop.
+
+        Consumes per the mode, like :meth:`read`; never blocks, whatever the blocking mode.
+        Several tasks (and several processes, each with its own loop) may wait on one
+        eventfd.  A cancelled call consumes nothing; closing the handle wakes its waiters
+        with ``OSError(EBADF)``.
+
+        Raises:
+            OSError: ``EBADF`` if the handle is (or gets) closed.
+        """
+        delay = 0.0005
+        while True:
+            core = self._live()
+            try:
+                return core.read(-1.0, grace=0.0)
+            except _lock.MutexBusy:
+                # Another process holds the mutex (live holders keep it for microseconds):
+                # retry without blocking the loop (design-review M1).
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+                continue
+            except BlockingIOError:
+                pass
+            await _aio.wait_readable(core.rfd)
+
+    async def awrite(self, value: int = 1) -> None:
+        """``write()`` for asyncio: never blocks the event loop.
+
+        A write that fits completes at once.  One that does not (the counter near
+        ``MAX_VALUE``) retries with a back-off of up to 50 ms: a pipe read end cannot
+        report room for writing (no POLLOUT), so there is nothing to wait on.
+
+        Raises:
+            as :meth:`write`.
+        """
+        if value.__class__ is not int:
+            value = _as_value(value)
+        if not 0 <= value <= MAX_VALUE:
+            _bad_value(value)
+        delay = 0.0005
+        while True:
+            try:
+                self._live().write(value, -1.0, grace=0.0)
+                return
+            except BlockingIOError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
     def peek(self) -> int:
         """Return the counter without consuming anything (like fdinfo's ``eventfd-count``)."""
         return self._live().peek()
@@ -235,6 +285,7 @@ class EventFD:
         self._core = None
         if not self._owner:
             return
+        _aio.wake_all(core.rfd)  # asyncio waiters re-check and see the handle closed
         if _inside():
             # Inside a critical section of this thread (a handler or finalizer): release
             # when the section ends, never under it (design-review S3f).

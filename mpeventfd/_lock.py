@@ -39,6 +39,10 @@ class Busy(Exception):
     """The mutex could not be taken before the caller's deadline (internal)."""
 
 
+class MutexBusy(BlockingIOError):
+    """A non-blocking call found the mutex held; asyncio callers retry later."""
+
+
 def open_private(state_fd: int, lock_path: str, lock_ident: tuple[int, int]) -> int:
     """Open this process's private descriptor for the mutex and liveness bytes."""
     if PLATFORM.ofd_locks and PLATFORM.proc_fd:
@@ -141,5 +145,5 @@ def slot_alive(fd: int, slot: int) -> bool:
 def busy_error(nonblocking: bool) -> OSError:
     """Map a :class:`Busy` mutex to what the caller's timeout promises."""
     if nonblocking:
-        return OSError(errno.EAGAIN, "the eventfd's mutex is held by another process")
+        return MutexBusy(errno.EAGAIN, "the eventfd's mutex is held by another process")
     return timeout_error()

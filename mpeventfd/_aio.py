@@ -1,0 +1,68 @@
+"""asyncio integration: ``aread``/``awrite`` built on ``loop.add_reader``.
+
+``loop.add_reader`` keeps one callback per fd and loop, and a second registration replaces the
+first; so every task waiting on one eventfd in one loop shares a single registration and a
+single future (as anyio's ``wait_readable`` does).  Each task awaits it through
+``asyncio.shield``: cancelling one task never cancels the others, and the reader is removed
+as soon as the fd is readable.  Consuming always happens in a non-blocking ``read()`` after
+the wake, never inside an ``await``, so a cancelled call consumes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+_REGISTERED: dict[tuple[int, int], _Readable] = {}
+_guard = threading.Lock()
+
+
+class _Readable:
+    """One ``add_reader`` registration shared by every task waiting on ``fd`` in ``loop``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.future: asyncio.Future[None] = loop.create_future()
+        # Retrieve the outcome even when every waiter was cancelled: no warning then.
+        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        loop.add_reader(fd, self.fire)
+
+    def fire(self) -> None:
+        """Readable (or told to re-check): drop the registration and wake every waiter."""
+        with _guard:
+            if _REGISTERED.get((id(self.loop), self.fd)) is self:
+                del _REGISTERED[(id(self.loop), self.fd)]
+        self.loop.remove_reader(self.fd)
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+async def wait_readable(fd: int) -> None:
+    """Wait until ``fd`` is readable (or a close asks every waiter to re-check)."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), fd)
+    with _guard:
+        reg = _REGISTERED.get(key)
+        if reg is None:
+            reg = _REGISTERED[key] = _Readable(loop, fd)
+    await asyncio.shield(reg.future)
+
+
+def wake_all(fd: int) -> None:
+    """A handle is closing: every waiter on ``fd`` wakes and re-checks its handle.
+
+    In the loop's own thread the registration goes at once, before the fd can close and its
+    number be reused; another thread's loop is asked to drop it at its next iteration.
+    """
+    with _guard:
+        regs = [r for (_, f), r in _REGISTERED.items() if f == fd]
+    for reg in regs:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is reg.loop:
+            reg.fire()
+        elif not reg.loop.is_closed():
+            reg.loop.call_soon_threadsafe(reg.fire)
