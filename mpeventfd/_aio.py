@@ -23,6 +23,7 @@ class _Readable:
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         self.loop = loop
         self.fd = fd
+        self.waiters = 0
         self.future: asyncio.Future[None] = loop.create_future()
         # Retrieve the outcome even when every waiter was cancelled: no warning then.
         self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -30,12 +31,17 @@ class _Readable:
 
     def fire(self) -> None:
         """Readable (or told to re-check): drop the registration and wake every waiter."""
+        self.drop()
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def drop(self) -> None:
+        """Forget the registration; it must never outlive the fd (its number gets reused)."""
         with _guard:
             if _REGISTERED.get((id(self.loop), self.fd)) is self:
                 del _REGISTERED[(id(self.loop), self.fd)]
-        self.loop.remove_reader(self.fd)
-        if not self.future.done():
-            self.future.set_result(None)
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
 
 
 async def wait_readable(fd: int) -> None:
@@ -46,23 +52,33 @@ async def wait_readable(fd: int) -> None:
         reg = _REGISTERED.get(key)
         if reg is None:
             reg = _REGISTERED[key] = _Readable(loop, fd)
-    await asyncio.shield(reg.future)
+        reg.waiters += 1
+    try:
+        await asyncio.shield(reg.future)
+    finally:
+        reg.waiters -= 1
+        if not reg.waiters and not reg.future.done():
+            reg.drop()  # the last waiter was cancelled: no registration without a waiter
 
 
 def wake_all(fd: int) -> None:
-    """A handle is closing: every waiter on ``fd`` wakes and re-checks its handle.
+    """A handle is closing, or ``fd`` is about to close: every waiter on it wakes and
+    re-checks its handle, and no registration survives the fd.
 
     In the loop's own thread the registration goes at once, before the fd can close and its
-    number be reused; another thread's loop is asked to drop it at its next iteration.
+    number be reused; another thread's loop is asked to drop it at its next iteration; a
+    closed loop's registration is simply forgotten.
     """
     with _guard:
         regs = [r for (_, f), r in _REGISTERED.items() if f == fd]
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
     for reg in regs:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is reg.loop:
+        if reg.loop.is_closed():
+            reg.drop()
+        elif running is reg.loop:
             reg.fire()
-        elif not reg.loop.is_closed():
+        else:
             reg.loop.call_soon_threadsafe(reg.fire)

@@ -62,9 +62,11 @@ from ._waiters import CONSUMED, EXPIRED, FAILED, READER, WRITER
 STEP = 0.25
 STEP_MAIN = 0.1
 STEP_WRITER = 0.05
-# How long a non-blocking call waits for a mutex that another process holds.  Live holders
-# keep it for microseconds; only a stopped or badly descheduled one exceeds this.
-MUTEX_GRACE = 1.0
+# How long a non-blocking call (timeout=0, or EFD_NONBLOCK) waits for a mutex that another
+# process holds.  Live holders keep it for microseconds, so this only bounds the stall a
+# stopped or descheduled holder causes; a call that gives up raises BlockingIOError.
+MUTEX_GRACE = 0.01
+DEFERRED_GRACE = 1.0  # the same, for a write deferred from a handler (it has no caller)
 
 _fcntl = fcntl.fcntl
 _monotonic = time.monotonic
@@ -303,6 +305,8 @@ class Core(FastMutex):
                                 F.hit("write.posted")
                                 F.hit("write.before_unlock")
                             return
+                        if c > MAX_VALUE:
+                            raise StateError(f"counter {c} exceeds MAX_VALUE")
                         if until is not None and (until < 0 or _monotonic() >= until):
                             raise would_block() if until < 0 else timeout_error()
                         self._register(w, WRITER)

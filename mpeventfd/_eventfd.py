@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import NoReturn
 
 from . import _aio, _lifecycle, _lock, _reentry
-from ._core import Core
+from ._core import DEFERRED_GRACE, Core
 from ._errors import closed_error, oserror
 from ._state import MAX_VALUE
 
@@ -149,10 +149,13 @@ class EventFD:
         core.write(value, core.until(timeout))
 
     def _apply_deferred(self, value: int) -> None:
+        # A deferred write has no caller left to wait for room, so it does not wait for it;
+        # but it waits for a mutex another process holds, like any write, or it would be
+        # lost whenever the handler happened to fire under contention.
         core = self._core
         if core is None:
             raise closed_error()
-        core.write(value, -1.0)
+        core.write(value, -1.0, DEFERRED_GRACE)
 
     async def aread(self) -> int:
         """``read()`` for asyncio: wait until readable without blocking the event loop.
@@ -247,6 +250,7 @@ class EventFD:
 
         A call already waiting keeps waiting: the mode is read when a call starts.
         """
+        _check_flag("blocking", blocking)
         self._live().set_nonblocking(not blocking)
 
     def get_inheritable(self) -> bool:
@@ -255,6 +259,7 @@ class EventFD:
 
     def set_inheritable(self, inheritable: bool) -> None:
         """Set close-on-exec on every fd of the eventfd in this process (all or none)."""
+        _check_flag("inheritable", inheritable)
         for fd in self.fds:
             os.set_inheritable(fd, inheritable)
 
@@ -360,6 +365,11 @@ def _bad_value(value: int) -> NoReturn:
         raise OverflowError("value must be < 2**64")
     # 2**64 - 1 is the kernel's overflow marker; write(2) refuses it before the room check.
     raise oserror(errno.EINVAL, "2**64 - 1 cannot be written")
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
 
 
 def _check_timeout(timeout: object) -> None:

@@ -52,7 +52,7 @@ from ._state import (
 )
 from ._waiters import Waiters
 
-RECOVERY_AFTER = 0.1  # waited this long, with a dead ENTERING slot: try to recover
+RECOVERY_AFTER = 0.05  # waited this long, with a dead ENTERING slot: try to recover
 ASIDE_PERIOD = 0.1  # how long a waiter stands aside for one request generation
 MUTEX_STEP = 0.02  # one bounded wait on the mutex semaphore
 CLAIM_BYTE = 2  # kernel byte lock that serialises slot claims (and the high-water mark)

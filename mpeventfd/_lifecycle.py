@@ -36,8 +36,8 @@ from collections.abc import Iterator
 
 import posix_ipc
 
+from . import _aio, _lock, _names, _notifier, _reentry
 from . import _faults as F
-from . import _lock, _names, _notifier, _reentry
 from ._core import Core
 from ._errors import StateError, oserror
 from ._probe import PLATFORM
@@ -476,6 +476,7 @@ def _finish(core: Core, blocking: bool = True) -> None:
 
 
 def _close_resources(core: Core) -> None:
+    _aio.wake_all(core.rfd)  # no asyncio registration may outlive the fd
     # Semaphores are closed only here, when no thread of ours waits on them: sem_close under
     # a waiter unmaps its futex and crashes the interpreter (design-review L4).
     core.sem_r.close()

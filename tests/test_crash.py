@@ -14,6 +14,8 @@ import threading
 import time
 
 import pytest
+
+from conftest import record
 from crashkit import (
     SCENARIOS,
     Scenario,
@@ -25,8 +27,6 @@ from crashkit import (
     wait_until,
     wake_when_blocked,
 )
-
-from conftest import record
 from helpers import fork_child, python, reap
 from mpeventfd import EventFD, _faults, _lifecycle
 from mpeventfd._state import W_WR
