@@ -54,7 +54,7 @@ from ._state import (
     W_WW,
     Mapping,
 )
-from ._waiters import CONSUMED, EXPIRED, FAILED, READER, WRITER
+from ._waiters import CONSUMED, EXPIRED, FAILED, POLLED, READER, WRITER
 
 # Bounded wait steps (SPEC §5.4: at most 250 ms on every platform).  The main thread blocks
 # signals during a step, so its step also bounds the latency of Ctrl-C.  Writers wait in
@@ -196,12 +196,14 @@ class Core(FastMutex):
         """Thread lock, then the mutex semaphore (lock-protocol §4); same contract."""
         tl = self.tlock
         try:
-            tl = self._take_thread_lock(until, grace)
-            if self.released:
-                raise closed_error()
+            if until is None:
+                tl.acquire()
+            else:
+                tl = self._take_thread_lock(until, grace)
             lw = self.lockword
-            if lw < 0:
-                lw = self._claim_fast()
+            fresh = lw < 0
+            if fresh:
+                lw = self._claim_fast()  # raises EBADF on a released core (lockword -1)
             w = self.words
             seq = self.seq + 1
             w[lw] = (seq << 8) | 1  # ENTERING, before any semaphore operation (I1)
@@ -227,9 +229,7 @@ class Core(FastMutex):
             self.seq = seq + 1
             self.idle_word = (seq + 1) << 8  # IDLE, written right after the release post
             try:
-                if self.first_fail:
-                    self.first_fail = 0.0
-                if self.fix_slot:
+                if fresh and self.fix_slot:
                     self._settle_claim(w)
                 if F.ARMED:
                     F.hit("mutex.taken")
@@ -260,6 +260,7 @@ class Core(FastMutex):
     def write(self, value: int, until: float | None, grace: float = MUTEX_GRACE) -> None:
         """Add ``value`` (already validated), waiting for room as ``until`` allows."""
         held = _held
+        armed = F.ARMED  # tests arm the hook before the call: one global lookup, not ten
         registered = False
         kind = 0
         try:
@@ -271,37 +272,37 @@ class Core(FastMutex):
                     try:
                         if w[W_DIRTY]:
                             self._repair(w)
-                        if F.ARMED:
+                        if armed:
                             F.hit("write.locked")
                         if registered:
                             self._unregister(w, WRITER, kind)
                             registered = False
                             self._after_wait(w, WRITER, kind)
-                            if F.ARMED:
+                            if armed:
                                 F.hit("wait.accounted")
                         c = w[W_COUNTER]
                         if value <= MAX_VALUE - c:
                             if c or not value:
                                 w[W_COUNTER] = c + value
-                                if F.ARMED:
+                                if armed:
                                     F.hit("write.commit")
                                 if w[W_WR]:
                                     self._restore(w)
                             else:
                                 # 0 -> n: the pipe byte goes in before the commit (SPEC §5.3).
                                 w[W_DIRTY] = 1
-                                if F.ARMED:
+                                if armed:
                                     F.hit("write.dirty")
                                 _signal_ready(self.wfd)
-                                if F.ARMED:
+                                if armed:
                                     F.hit("write.pipe")
                                 w[W_COUNTER] = value
-                                if F.ARMED:
+                                if armed:
                                     F.hit("write.commit")
                                 if w[W_WR]:
                                     self._restore(w)
                                 w[W_DIRTY] = 0
-                            if F.ARMED:
+                            if armed:
                                 F.hit("write.posted")
                                 F.hit("write.before_unlock")
                             return
@@ -311,7 +312,7 @@ class Core(FastMutex):
                             raise would_block() if until < 0 else timeout_error()
                         self._register(w, WRITER)
                         registered = True
-                        if F.ARMED:
+                        if armed:
                             F.hit("wait.registered")
                     except BaseException:
                         # An exception inside the section (a handler's, at any bytecode)
@@ -326,7 +327,7 @@ class Core(FastMutex):
                                     self.unlock()
                             finally:
                                 try:
-                                    if F.ARMED:
+                                    if armed:
                                         F.hit("mutex.posted")
                                 finally:
                                     w[self.lockword] = self.idle_word
@@ -336,7 +337,7 @@ class Core(FastMutex):
                     held[0] -= 1
                     if _deferred and not _inside():
                         _drain_deferred()
-                kind = self._wait(WRITER, until)
+                kind = self._wait(WRITER, until, False)
         except BaseException:
             if registered:
                 self._abandon(WRITER)
@@ -344,13 +345,14 @@ class Core(FastMutex):
         finally:
             if self.closing:
                 self._idle()
-            if F.ARMED:
+            if armed:
                 F.hit("write.unlocked")
 
     def read(self, until: float | None, grace: float = MUTEX_GRACE) -> int:
         """Consume per the mode, waiting for a counter > 0 as ``until`` allows."""
         held = _held
-        registered = False
+        armed = F.ARMED
+        registered = lone = False
         kind = 0
         try:
             while True:
@@ -361,13 +363,13 @@ class Core(FastMutex):
                     try:
                         if w[W_DIRTY]:
                             self._repair(w)
-                        if F.ARMED:
+                        if armed:
                             F.hit("read.locked")
                         if registered:
                             self._unregister(w, READER, kind)
                             registered = False
                             self._after_wait(w, READER, kind)
-                            if F.ARMED:
+                            if armed:
                                 F.hit("wait.accounted")
                         c = w[W_COUNTER]
                         if c:
@@ -376,7 +378,7 @@ class Core(FastMutex):
                             if self.semaphore and c > 1:
                                 got = 1
                                 w[W_COUNTER] = c - 1
-                                if F.ARMED:
+                                if armed:
                                     F.hit("read.commit")
                                 if w[W_WW]:
                                     self._restore_writers(w)
@@ -386,18 +388,18 @@ class Core(FastMutex):
                                 # n -> 0: drain only after the commit (SPEC §5.3).
                                 got = 1 if self.semaphore else c
                                 w[W_DIRTY] = 1
-                                if F.ARMED:
+                                if armed:
                                     F.hit("read.dirty")
                                 w[W_COUNTER] = 0
-                                if F.ARMED:
+                                if armed:
                                     F.hit("read.commit")
                                 _drain(self.rfd)
-                                if F.ARMED:
+                                if armed:
                                     F.hit("read.drained")
                                 if w[W_WW]:
                                     self._restore_writers(w)
                                 w[W_DIRTY] = 0
-                            if F.ARMED:
+                            if armed:
                                 F.hit("read.posted")
                                 F.hit("read.before_unlock")
                             return got
@@ -405,7 +407,12 @@ class Core(FastMutex):
                             raise would_block() if until < 0 else timeout_error()
                         self._register(w, READER)
                         registered = True
-                        if F.ARMED:
+                        # The only waiting reader of a normal-mode eventfd waits on the pipe
+                        # itself: one poll, no signal masking, no post to consume.  Several
+                        # waiters (and every semaphore-mode one) use the semaphore, which
+                        # wakes only those that can proceed (SPEC §5.4, §7 P4).
+                        lone = not self.semaphore and w[W_WR] == 1
+                        if armed:
                             F.hit("wait.registered")
                     except BaseException:
                         if w[W_DIRTY]:
@@ -418,7 +425,7 @@ class Core(FastMutex):
                                     self.unlock()
                             finally:
                                 try:
-                                    if F.ARMED:
+                                    if armed:
                                         F.hit("mutex.posted")
                                 finally:
                                     w[self.lockword] = self.idle_word
@@ -428,7 +435,7 @@ class Core(FastMutex):
                     held[0] -= 1
                     if _deferred and not _inside():
                         _drain_deferred()
-                kind = self._wait(READER, until)
+                kind = self._wait(READER, until, lone)
         except BaseException:
             if registered:
                 self._abandon(READER)
@@ -436,7 +443,7 @@ class Core(FastMutex):
         finally:
             if self.closing:
                 self._idle()
-            if F.ARMED:
+            if armed:
                 F.hit("read.unlocked")
 
     def peek(self) -> int:
@@ -458,8 +465,8 @@ class Core(FastMutex):
 
     # -- waiting ----------------------------------------------------------------------------
 
-    def _wait(self, cls: int, until: float | None) -> int:
-        """One bounded wait step outside the lock; returns CONSUMED or EXPIRED."""
+    def _wait(self, cls: int, until: float | None, lone: bool) -> int:
+        """One bounded wait step outside the lock; CONSUMED, POLLED or EXPIRED."""
         if cls == WRITER:
             sem, step = self.sem_w, STEP_WRITER
         else:
@@ -469,6 +476,12 @@ class Core(FastMutex):
             step = min(step, max(0.0, until - _monotonic()))
         if F.ARMED:
             F.hit("wait.step")
+        if lone:
+            if not _notifier.wait_readable(self.rfd, step):
+                return EXPIRED
+            if F.ARMED:
+                F.hit("wait.polled")
+            return POLLED
         if _wake.wait_step(sem, step):
             if F.ARMED:
                 F.hit("wait.consumed")

@@ -34,6 +34,7 @@ import posix_ipc
 from . import _faults as F
 from . import _lock, _wake
 from ._errors import closed_error, oserror
+from ._probe import PLATFORM
 from ._state import (
     ASIDE,
     ENTERING,
@@ -56,6 +57,8 @@ RECOVERY_AFTER = 0.05  # waited this long, with a dead ENTERING slot: try to rec
 ASIDE_PERIOD = 0.1  # how long a waiter stands aside for one request generation
 MUTEX_STEP = 0.02  # one bounded wait on the mutex semaphore
 CLAIM_BYTE = 2  # kernel byte lock that serialises slot claims (and the high-water mark)
+SPIN_SECONDS = 50e-6  # how long a contended acquire retries before it sleeps
+_GETVALUE = PLATFORM.sem_getvalue
 _MASK = 0xFF
 
 
@@ -144,6 +147,9 @@ class FastMutex(Waiters):
         if not self.first_fail:
             self.first_fail = now  # persists across calls: short timeouts still recover (L1)
         try:
+            if self._spin():
+                self.first_fail = 0.0
+                return seq
             while True:
                 req = w[W_REQ]
                 if req > w[W_RESOLVED] and req != self.last_aside:
@@ -169,6 +175,22 @@ class FastMutex(Waiters):
             raise
         self.first_fail = 0.0
         return seq
+
+    def _spin(self) -> bool:
+        """Retry briefly before sleeping: a live holder keeps the token for microseconds.
+
+        A reader that a pipe byte woke usually finds its writer still inside the section
+        (the byte goes in before the commit); a futex sleep and wake-up would cost far more
+        than the few microseconds the writer needs.  Yielding the CPU on each try lets a
+        holder that shares our CPU finish.
+        """
+        sem = self.sem_m
+        deadline = time.perf_counter() + SPIN_SECONDS
+        while time.perf_counter() < deadline:
+            os.sched_yield()
+            if (not _GETVALUE or sem.value) and _wake.try_take_mutex(sem):
+                return True
+        return False
 
     def _stand_aside(self, w: memoryview, lw: int, seq: int, req: int,
                      limit: float | None) -> int:

@@ -39,7 +39,7 @@ STEPS = (
     "read.locked", "read.dirty", "read.commit", "read.drained", "read.posted",
     "read.before_unlock", "read.unlocked",
     # A blocked read()/write(): registration, the wait step, the accounting after it.
-    "wait.registered", "wait.step", "wait.consumed", "wait.accounted",
+    "wait.registered", "wait.step", "wait.consumed", "wait.polled", "wait.accounted",
     # The fast mutex: after the ENTERING store, after the token is taken, after the post;
     # an elected prover, and a takeover of a dead holder's token.
     "mutex.entering", "mutex.taken", "mutex.posted", "recover.elected", "recover.takeover",

@@ -464,6 +464,8 @@ def _finish(core: Core, blocking: bool = True) -> None:
         if core.released or core.waiters:
             return  # the last waiter out calls _on_idle
         core.released = True
+        if core.fast:
+            core.lockword = -1  # the next _enter_fast goes to _claim_fast, which sees released
         _reentry.cores.pop(id(core), None)
         _close_resources(core)
     finally:

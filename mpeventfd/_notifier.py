@@ -74,3 +74,17 @@ def pending(r: int) -> int:
 def readable(r: int) -> bool:
     """True if a zero-timeout ``select`` reports the read end readable."""
     return bool(select.select([r], [], [], 0)[0])
+
+
+def wait_readable(r: int, seconds: float) -> bool:
+    """Wait at most ``seconds`` for the read end to become readable.
+
+    ``select``/``poll`` follow PEP 475: a handler that returns lets the wait go on, and a
+    handler's exception propagates, so no signal needs masking here.  ``select`` cannot
+    take fds above ``FD_SETSIZE`` (1024); ``poll`` can.
+    """
+    if r < 1024:
+        return bool(select.select([r], (), (), seconds)[0])
+    p = select.poll()
+    p.register(r, select.POLLIN)
+    return bool(p.poll(seconds * 1000))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
 from ._errors import StateError
 
@@ -83,7 +84,13 @@ class Mapping:
     __slots__ = ("mm", "words")
 
     def __init__(self, fd: int) -> None:
-        self.mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        flags, prot = mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        if sys.version_info >= (3, 13):
+            # Before 3.13 the mmap object keeps a dup of the fd for resize(), one more fd
+            # per process than SPEC §7 P8 allows; 3.13 lets it go (gh-78502).
+            self.mm = mmap.mmap(fd, SIZE, flags, prot, trackfd=False)
+        else:
+            self.mm = mmap.mmap(fd, SIZE, flags, prot)
         self.words = memoryview(self.mm).cast("Q")
 
     def renew(self) -> None:

@@ -45,7 +45,10 @@ from ._state import (
 )
 
 READER, WRITER = 0, 1
-CONSUMED, EXPIRED, FAILED = 1, 2, 3
+# How a wait step ended: a post consumed; the step expired; an exception (outcome unknown);
+# or, for a lone reader waiting on the pipe instead of the semaphore, the pipe became
+# readable (no post consumed: any post issued for it is a surplus to absorb).
+CONSUMED, EXPIRED, FAILED, POLLED = 1, 2, 3, 4
 
 
 class Waiters:
@@ -95,14 +98,14 @@ class Waiters:
             w[count] -= 1
         if w[mine]:
             w[mine] -= 1
-        if kind != EXPIRED and w[count + 1]:
+        if kind in (CONSUMED, FAILED) and w[count + 1]:
             w[count + 1] -= 1
         w[W_DIRTY] = 0
         self.waiters -= 1
 
     def _after_wait(self, w: memoryview, cls: int, kind: int) -> None:
         """What follows an unregistration: absorb a stray, drop dead waiters, restore."""
-        if kind == EXPIRED:
+        if kind in (EXPIRED, POLLED):
             posts = W_WR + 2 * cls + 1
             if w[posts] > w[posts - 1]:
                 # A post issued for us may have arrived as the step ended: absorb the surplus
@@ -111,6 +114,7 @@ class Waiters:
                 w[posts] -= 1
                 if not _wake.try_take(self.sem_w if cls else self.sem_r):
                     w[posts] += 1
+        if kind == EXPIRED:
             w[W_DIRTY] = 1
             self._correct_dead(w)
             w[W_DIRTY] = 0

@@ -32,6 +32,7 @@ _BLOCK = signal.SIG_BLOCK
 _SETMASK = signal.SIG_SETMASK
 _NOTHING: tuple[int, ...] = ()
 _main_thread = threading.main_thread
+_last_base: list[set[int]] = []  # the main thread's mask before its last wait step
 
 
 def wait_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
@@ -46,9 +47,16 @@ def wait_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             return False
         return True
-    base = _sigmask(_BLOCK, _NOTHING)
     try:
-        _sigmask(_BLOCK, ASYNC_SIGNALS)
+        # One call both blocks and returns the mask to restore.  A handler that tripped
+        # before it runs right after it returns, before ``base`` is bound: restore the mask
+        # this thread had at its previous step (the usual unmasked one) and let it raise.
+        base = _sigmask(_BLOCK, ASYNC_SIGNALS)
+    except BaseException:
+        _sigmask(_SETMASK, _last_base[0] if _last_base else ())
+        raise
+    _last_base[:] = [base]
+    try:
         sem.acquire(seconds)
         return True
     except posix_ipc.BusyError:
@@ -119,6 +127,19 @@ class HeldAfter(Exception):
 def taken_then_raised(exc: BaseException) -> bool:
     """Classify an exception from ``sem.acquire(0)`` (no signal can interrupt a trywait)."""
     return not isinstance(exc, SEM_ERRORS) and threading.current_thread() is _main_thread()
+
+
+def try_take_mutex(sem: posix_ipc.Semaphore) -> bool:
+    """One trywait on the mutex semaphore, with the classification above."""
+    try:
+        sem.acquire(0)
+    except posix_ipc.BusyError:
+        return False
+    except BaseException as e:
+        if taken_then_raised(e):
+            raise HeldAfter(e) from e
+        raise
+    return True
 
 
 def take_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:

@@ -58,7 +58,10 @@ SCENARIOS = [
         "read.before_unlock", "read.unlocked")),
     Scenario("read.commit", 5, read, frozenset({5, 4}), flags=EFD_SEMAPHORE),
     *(Scenario(s, 0, read, frozenset({0})) for s in ("wait.registered", "wait.step")),
+    # A lone normal-mode reader waits on the pipe; semaphore-mode readers on the semaphore.
     *(Scenario(s, 0, read, frozenset({4, 0}), wake=4) for s in (
+        "wait.polled", "wait.accounted")),
+    *(Scenario(s, 0, read, frozenset({4, 3}), wake=4, flags=EFD_SEMAPHORE) for s in (
         "wait.consumed", "wait.accounted")),
     *(Scenario(s, 5, write3, frozenset({5, 8}), fast_only=True) for s in (
         "mutex.entering", "mutex.taken", "mutex.posted")),

@@ -1,0 +1,416 @@
+"""The workloads behind ``python -m mpeventfd bench``, one timer factory per SPEC §7 row.
+
+A factory returns a timer: a callable that sets up (untimed), runs the timed part once, tears
+down, and returns seconds per unit of work.  Every process it starts is reaped before it
+returns, and everything it creates is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import multiprocessing
+import os
+import statistics
+import struct
+import time
+from collections.abc import Callable
+
+from ._eventfd import EFD_SEMAPHORE, EventFD
+
+Timer = Callable[[], float]
+_clock = time.perf_counter
+_STAMP = struct.Struct("Q")
+
+
+def _child(body: Callable[[], object]) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            body()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def _reap(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+# -- P1 / P2: one process -------------------------------------------------------------------
+
+
+def write_loop(n: int) -> Timer:
+    def run() -> float:
+        with EventFD(1) as efd:
+            write = efd.write
+            t0 = _clock()
+            for _ in range(n):
+                write(1)
+            return (_clock() - t0) / n
+    return run
+
+
+def kernel_write_loop(n: int) -> Timer:
+    def run() -> float:
+        fd = os.eventfd(1)
+        try:
+            write = os.eventfd_write
+            t0 = _clock()
+            for _ in range(n):
+                write(fd, 1)
+            return (_clock() - t0) / n
+        finally:
+            os.close(fd)
+    return run
+
+
+def pipe_write_loop(n: int) -> Timer:
+    """A self-pipe's wake-up: one byte per write (drained between batches, untimed)."""
+    def run() -> float:
+        r, w = os.pipe()
+        try:
+            elapsed = 0.0
+            done = 0
+            while done < n:
+                batch = min(4096, n - done)
+                t0 = _clock()
+                for _ in range(batch):
+                    os.write(w, b"\x01")
+                elapsed += _clock() - t0
+                os.read(r, batch)
+                done += batch
+            return elapsed / n
+        finally:
+            os.close(r)
+            os.close(w)
+    return run
+
+
+def pair_loop(n: int) -> Timer:
+    def run() -> float:
+        with EventFD(0) as efd:
+            write, read = efd.write, efd.read
+            t0 = _clock()
+            for _ in range(n):
+                write(1)
+                read()
+            return (_clock() - t0) / n
+    return run
+
+
+def kernel_pair_loop(n: int) -> Timer:
+    def run() -> float:
+        fd = os.eventfd(0)
+        try:
+            t0 = _clock()
+            for _ in range(n):
+                os.eventfd_write(fd, 1)
+                os.eventfd_read(fd)
+            return (_clock() - t0) / n
+        finally:
+            os.close(fd)
+    return run
+
+
+def pipe_pair_loop(n: int) -> Timer:
+    def run() -> float:
+        r, w = os.pipe()
+        try:
+            t0 = _clock()
+            for _ in range(n):
+                os.write(w, b"\x01")
+                os.read(r, 1)
+            return (_clock() - t0) / n
+        finally:
+            os.close(r)
+            os.close(w)
+    return run
+
+
+# -- P3: ping-pong --------------------------------------------------------------------------
+
+Ends = tuple[Callable[[], object], Callable[[], object], Callable[[], object],
+             Callable[[], object], Callable[[], None]]
+
+
+def _closer(*closes: Callable[[], object]) -> Callable[[], None]:
+    def close() -> None:
+        for c in closes:
+            c()
+    return close
+
+
+def _ends(kind: str) -> Ends:
+    """(read A, write A, read B, write B, close) for one kind of channel."""
+    if kind == "mpeventfd":
+        a, b = EventFD(), EventFD()
+        return a.read, lambda: a.write(1), b.read, lambda: b.write(1), _closer(a.close, b.close)
+    if kind == "os.eventfd":
+        fa, fb = os.eventfd(0), os.eventfd(0)
+        return (lambda: os.eventfd_read(fa), lambda: os.eventfd_write(fa, 1),
+                lambda: os.eventfd_read(fb), lambda: os.eventfd_write(fb, 1),
+                _closer(lambda: os.close(fa), lambda: os.close(fb)))
+    if kind == "os.pipe":
+        ra, wa = os.pipe()
+        rb, wb = os.pipe()
+        return (lambda: os.read(ra, 1), lambda: os.write(wa, b"x"),
+                lambda: os.read(rb, 1), lambda: os.write(wb, b"x"),
+                _closer(*(lambda fd=fd: os.close(fd) for fd in (ra, wa, rb, wb))))
+    ctx = multiprocessing.get_context("fork")
+    if kind == "mp.Semaphore":
+        sa, sb = ctx.Semaphore(0), ctx.Semaphore(0)
+        return sa.acquire, sa.release, sb.acquire, sb.release, _closer()
+    here, there = ctx.Pipe()  # mp.Pipe: duplex, a socketpair
+    return (there.recv_bytes, lambda: here.send_bytes(b"x"), here.recv_bytes,
+            lambda: there.send_bytes(b"x"), _closer(here.close, there.close))
+
+
+def pingpong(kind: str, n: int) -> Timer:
+    def run() -> float:
+        read_a, write_a, read_b, write_b, close = _ends(kind)
+        try:
+            pid = _child(lambda: [(read_a(), write_b()) for _ in range(n + 50)])
+            try:
+                for _ in range(50):
+                    write_a()
+                    read_b()
+                t0 = _clock()
+                for _ in range(n):
+                    write_a()
+                    read_b()
+                return (_clock() - t0) / n
+            finally:
+                _reap(pid)
+        finally:
+            close()
+    return run
+
+
+# -- P4: eight consumers, one token at a time -----------------------------------------------
+
+CONSUMERS = 8
+WARMUP = 100
+
+
+def _cpu_ns(pid: int) -> int:
+    """CPU time a process has used, in ns (``/proc/<pid>/schedstat``; Linux)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def herd(kind: str, n: int) -> Timer:
+    """Consumer CPU per token: 8 blocked readers, a producer handing out single tokens.
+
+    The kernel wakes every blocked reader on each write (R27); the semaphore channel wakes
+    one.  Each token is acknowledged on a separate kernel eventfd (the same for both kinds),
+    so tokens go out one at a time.
+    """
+    def run() -> float:
+        stop = mmap.mmap(-1, 8)
+        ack = os.eventfd(0)
+        if kind == "mpeventfd":
+            efd = EventFD(0, EFD_SEMAPHORE)
+            take: Callable[[], object] = efd.read
+            give: Callable[[int], None] = efd.write
+        else:
+            fd = os.eventfd(0, os.EFD_SEMAPHORE)
+            take = lambda: os.eventfd_read(fd)  # noqa: E731
+            give = lambda v: os.eventfd_write(fd, v)  # noqa: E731
+
+        def consume() -> None:
+            while True:
+                take()
+                if stop[0]:
+                    return
+                os.eventfd_write(ack, 1)
+
+        pids = [_child(consume) for _ in range(CONSUMERS)]
+        try:
+            for _ in range(WARMUP):  # every consumer has run and touched its pages
+                give(1)
+                os.eventfd_read(ack)
+            before = sum(_cpu_ns(pid) for pid in pids)
+            for _ in range(n):
+                give(1)
+                os.eventfd_read(ack)
+            cpu = (sum(_cpu_ns(pid) for pid in pids) - before) / 1e9
+        finally:
+            stop[0] = 1
+            give(CONSUMERS)
+            for pid in pids:
+                _reap(pid)
+            if kind == "mpeventfd":
+                efd.close()
+            else:
+                os.close(fd)
+            os.close(ack)
+            stop.close()
+        return cpu / n
+    return run
+
+
+# -- P5: fan-in -----------------------------------------------------------------------------
+
+PRODUCERS = 4
+
+
+def fan_in(kind: str, n: int) -> Timer:
+    """Four producers write(1) n/4 times each; one consumer sums until exact.  s/write."""
+    per = n // PRODUCERS
+    total = per * PRODUCERS
+
+    def run() -> float:
+        go_r, go_w = os.pipe()
+        if kind == "mpeventfd":
+            efd = EventFD()
+            produce: Callable[[], object] = lambda: efd.write(1)  # noqa: E731
+            consume: Callable[[], int] = efd.read
+            close: Callable[[], object] = efd.close
+        elif kind == "os.eventfd":
+            fd = os.eventfd(0)
+            produce = lambda: os.eventfd_write(fd, 1)  # noqa: E731
+            consume = lambda: os.eventfd_read(fd)  # noqa: E731
+            close = lambda: os.close(fd)  # noqa: E731
+        else:
+            r, w = os.pipe()
+            produce = lambda: os.write(w, b"\x01")  # noqa: E731
+            consume = lambda: len(os.read(r, 65536))  # noqa: E731
+            close = _closer(lambda: os.close(r), lambda: os.close(w))
+
+        def producer() -> None:
+            os.read(go_r, 1)
+            for _ in range(per):
+                produce()
+
+        pids = [_child(producer) for _ in range(PRODUCERS)]
+        try:
+            got = 0
+            t0 = _clock()
+            os.write(go_w, b"x" * PRODUCERS)
+            while got < total:
+                got += consume()
+            elapsed = _clock() - t0
+        finally:
+            for pid in pids:
+                _reap(pid)
+            close()
+            os.close(go_r)
+            os.close(go_w)
+        if got != total:
+            raise AssertionError(f"fan-in sum {got} != {total}")
+        return elapsed / total
+    return run
+
+
+# -- P6: asyncio wake-up latency ------------------------------------------------------------
+
+
+def asyncio_latency(kind: str, n: int) -> tuple[float, float]:
+    """p50 and p99 seconds from a write in another process to the awaiting task's wake."""
+    stamp = mmap.mmap(-1, 8)
+    ack_r, ack_w = os.pipe()
+    if kind == "mpeventfd":
+        efd = EventFD()
+        signal_once: Callable[[], object] = lambda: efd.write(1)  # noqa: E731
+    else:
+        fd = os.eventfd(0, os.EFD_NONBLOCK)
+        signal_once = lambda: os.eventfd_write(fd, 1)  # noqa: E731
+
+    def writer() -> None:
+        for _ in range(n):
+            os.read(ack_r, 1)  # one sample at a time: no coalescing
+            _STAMP.pack_into(stamp, 0, time.monotonic_ns())
+            signal_once()
+
+    async def consume() -> list[float]:
+        loop = asyncio.get_running_loop()
+        samples = []
+        for _ in range(n):
+            os.write(ack_w, b"x")
+            if kind == "mpeventfd":
+                await efd.aread()
+            else:
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+                os.eventfd_read(fd)
+            samples.append((time.monotonic_ns() - _STAMP.unpack_from(stamp)[0]) / 1e9)
+        return samples
+
+    pid = _child(writer)
+    try:
+        samples = asyncio.run(consume())
+    finally:
+        _reap(pid)
+        if kind == "mpeventfd":
+            efd.close()
+        else:
+            os.close(fd)
+        os.close(ack_r)
+        os.close(ack_w)
+        stamp.close()
+    qs = statistics.quantiles(samples, n=100)
+    return qs[49], qs[98]
+
+
+# -- P7 / P8 --------------------------------------------------------------------------------
+
+
+def attached_pair_loop(others: int, n: int) -> Timer:
+    """A write+read pair while ``others`` more processes are attached (each owns a slot)."""
+    def run() -> float:
+        hold_r, hold_w = os.pipe()
+        with EventFD(0) as efd:
+            def attach_and_wait() -> None:
+                try:
+                    efd.read(timeout=0.001)  # an operation: claims this process's slot
+                except TimeoutError:
+                    pass
+                os.read(hold_r, 1)
+
+            pids = [_child(attach_and_wait) for _ in range(others)]
+            try:
+                time.sleep(0.05 if others else 0)  # let them attach (not an ordering)
+                write, read = efd.write, efd.read
+                t0 = _clock()
+                for _ in range(n):
+                    write(1)
+                    read()
+                return (_clock() - t0) / n
+            finally:
+                os.write(hold_w, b"x" * others)
+                for pid in pids:
+                    _reap(pid)
+                os.close(hold_r)
+                os.close(hold_w)
+    return run
+
+
+def footprint() -> tuple[int, int]:
+    """(fds that travel, private fds this process opened besides them)."""
+    if not os.path.isdir("/proc/self/fd"):
+        with EventFD() as efd:
+            return len(efd.fds), 1
+    before = _open_fds()
+    with EventFD() as efd:
+        efd.write(1)
+        efd.read()
+        opened = _open_fds() - before
+        return len(efd.fds), len(opened - set(efd.fds))
+
+
+def _open_fds() -> set[int]:
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))  # the fd listdir itself used is closed again by now
+        except OSError:
+            continue
+        fds.add(int(name))
+    return fds
