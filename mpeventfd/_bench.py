@@ -182,14 +182,32 @@ def p8(reps: int, n: int) -> Result:
     return res
 
 
+def safety(reps: int, n: int) -> Result:
+    """What crash safety costs: the P2 pair with each mutex, against an unsafe prototype."""
+    med, spread = measure({
+        "mpeventfd": work.pair_loop(n),
+        "kernel mutex": work.pair_loop(n, "kernel"),
+        "fast mutex": work.pair_loop(n, "fast"),
+        "no crash safety": work.unsafe_pair_loop(n),
+    }, reps)
+    res = Result("C", "cost of crash safety: write+read pair", "µs/pair",
+                 "(reported, no target)", med, spread)
+    res.ratio = med["mpeventfd"] / med["no crash safety"]
+    res.verdict = "INFO"
+    res.note = (f"fast {med['fast mutex'] / med['no crash safety']:.2f}x, kernel "
+                f"{med['kernel mutex'] / med['no crash safety']:.2f}x the unsafe prototype")
+    return res
+
+
 WORKLOADS: dict[str, Callable[[int, int], Result]] = {
     "P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6, "P7": p7, "P8": p8,
+    "C": safety,
 }
 # (full, --quick) amount of work per repetition
 SIZES = {
     "P1": (200_000, 20_000), "P2": (100_000, 10_000), "P3": (3_000, 500),
     "P4": (2_000, 300), "P5": (20_000, 3_000), "P6": (1_000, 200), "P7": (50_000, 5_000),
-    "P8": (1, 1),
+    "P8": (1, 1), "C": (100_000, 10_000),
 }
 
 

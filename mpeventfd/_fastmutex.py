@@ -57,7 +57,7 @@ RECOVERY_AFTER = 0.05  # waited this long, with a dead ENTERING slot: try to rec
 ASIDE_PERIOD = 0.1  # how long a waiter stands aside for one request generation
 MUTEX_STEP = 0.02  # one bounded wait on the mutex semaphore
 CLAIM_BYTE = 2  # kernel byte lock that serialises slot claims (and the high-water mark)
-SPIN_SECONDS = 50e-6  # how long a contended acquire retries before it sleeps
+SPIN_SECONDS = 200e-6  # how long a contended acquire retries (yielding) before it sleeps
 _GETVALUE = PLATFORM.sem_getvalue
 _MASK = 0xFF
 
