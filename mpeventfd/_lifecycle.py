@@ -67,6 +67,9 @@ _pending: set[str] = set()  # names whose liveness test failed at our last detac
 _janitor: threading.Thread | None = None
 _last_sweep = 0.0
 SWEEP_INTERVAL = 1.0
+# A creator takes the presence lock right after creating its temporary file (where there is
+# no O_TMPFILE); a free temporary file younger than this may be a creator paused in between.
+TEMP_GRACE = 10.0
 # The mutex of new eventfds: "fast" (SPEC §5.8, the default) or "kernel" (SPEC §5.1).
 # Attachers follow whatever the creator chose, as recorded in the header.
 BACKENDS = {"fast": BACKEND_FAST, "kernel": BACKEND_KERNEL}
@@ -593,15 +596,13 @@ def sweep(skip_attached: bool = True) -> list[str]:
 
 
 def _dead_temp(name: str) -> bool:
-    # The creator takes the presence lock right after O_EXCL; give a paused creator 10 s
-    # between those two calls before a free temp file counts as a dead creator's.
     path = _names.temp_path(name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return False
     try:
-        if time.time() - os.fstat(fd).st_mtime < 10:
+        if time.time() - os.fstat(fd).st_mtime < TEMP_GRACE:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
