@@ -14,7 +14,9 @@ import asyncio
 import threading
 
 _REGISTERED: dict[tuple[int, int], _Readable] = {}
-_guard = threading.Lock()
+# Re-entrant: a finalizer that the GC runs inside a guarded block of this thread closes a
+# handle, which drops its registrations (wake_all) under the same guard.
+_guard = threading.RLock()
 
 
 class _Readable:
@@ -59,6 +61,13 @@ async def wait_readable(fd: int) -> None:
         reg.waiters -= 1
         if not reg.waiters and not reg.future.done():
             reg.drop()  # the last waiter was cancelled: no registration without a waiter
+
+
+def reset_after_fork() -> None:
+    """Fork child: event loops do not survive a fork, nor may a lock held by a parent thread."""
+    global _guard
+    _guard = threading.RLock()
+    _REGISTERED.clear()
 
 
 def wake_all(fd: int) -> None:

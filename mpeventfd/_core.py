@@ -40,7 +40,7 @@ import posix_ipc
 from . import _faults as F
 from . import _lock, _notifier, _reentry, _wake
 from ._errors import StateError, closed_error, timeout_error, would_block
-from ._fastmutex import FastMutex
+from ._fastmutex import FastMutex, forked_error
 from ._state import (
     BACKEND_FAST,
     MAX_VALUE,
@@ -68,6 +68,7 @@ STEP_WRITER = 0.05
 MUTEX_GRACE = 0.01
 DEFERRED_GRACE = 1.0  # the same, for a write deferred from a handler (it has no caller)
 
+_TIMEOUT_MAX = threading.TIMEOUT_MAX
 _fcntl = fcntl.fcntl
 _monotonic = time.monotonic
 _SETLK = _lock.SETLK
@@ -92,7 +93,7 @@ class Core(FastMutex):
 
     __slots__ = (
         "closing", "enter", "fast", "ident", "idle_word", "lock_ident", "lock_path", "map",
-        "name", "on_idle", "refs", "state_fd", "tlock", "unlock",
+        "name", "on_idle", "refs", "state_fd", "unlock",
     )
 
     def __init__(
@@ -116,7 +117,7 @@ class Core(FastMutex):
         self.tlock = threading.RLock()
         self.slot = -1
         self.refs = self.waiters = 0
-        self.closing = self.released = self.fix_slot = False
+        self.closing = self.released = self.fix_slot = self.taken = False
         self.abandoned: list[int] = []
         self.on_idle: Callable[[Core], None] | None = None
         self.seq = self.last_aside = self.idle_word = 0
@@ -147,6 +148,8 @@ class Core(FastMutex):
             return -1.0 if self.words[W_NONBLOCK] else None
         if timeout <= 0:
             return -1.0
+        if timeout >= _TIMEOUT_MAX:
+            return None  # an infinite timeout waits for ever, whatever the blocking mode
         return _monotonic() + timeout
 
     def _take_thread_lock(self, until: float | None, grace: float) -> threading.RLock:
@@ -201,15 +204,16 @@ class Core(FastMutex):
             else:
                 tl = self._take_thread_lock(until, grace)
             lw = self.lockword
-            fresh = lw < 0
-            if fresh:
-                lw = self._claim_fast()  # raises EBADF on a released core (lockword -1)
+            if lw < 0:
+                lw = self._claim_fast(until, grace)  # EBADF on a released core (lockword -1)
             w = self.words
             seq = self.seq + 1
             w[lw] = (seq << 8) | 1  # ENTERING, before any semaphore operation (I1)
             try:
                 if F.ARMED:
                     F.hit("mutex.entering")
+                if tl is not self.tlock:
+                    raise forked_error()  # a frame a fork copied into the child (S4)
             except BaseException:
                 w[lw] = (seq + 1) << 8  # IDLE
                 self.seq = seq + 1
@@ -219,7 +223,16 @@ class Core(FastMutex):
                 # not posix_ipc's arrived after a successful take (_wake.taken_then_raised).
                 self.sem_m.acquire(0)
             except _BusyError:
-                seq = self._acquire_slow(w, lw, seq, until, grace)
+                try:
+                    seq = self._acquire_slow(w, lw, seq, until, grace, tl)
+                except BaseException:
+                    # Interrupted before _acquire_slow could clean up (a handler at its first
+                    # line): still ENTERING without the token.  Inline stores only.
+                    word = w[lw]
+                    if word & 0xFF == 1:
+                        w[lw] = ((word >> 8) + 1) << 8
+                        self.seq = (word >> 8) + 1
+                    raise
             except BaseException as e:
                 if _wake.taken_then_raised(e):
                     self.sem_m.release()
@@ -229,7 +242,7 @@ class Core(FastMutex):
             self.seq = seq + 1
             self.idle_word = (seq + 1) << 8  # IDLE, written right after the release post
             try:
-                if fresh and self.fix_slot:
+                if self.fix_slot:
                     self._settle_claim(w)
                 if F.ARMED:
                     F.hit("mutex.taken")
@@ -261,7 +274,7 @@ class Core(FastMutex):
         """Add ``value`` (already validated), waiting for room as ``until`` allows."""
         held = _held
         armed = F.ARMED  # tests arm the hook before the call: one global lookup, not ten
-        registered = False
+        registered = done = False
         kind = 0
         try:
             while True:
@@ -284,6 +297,7 @@ class Core(FastMutex):
                         if value <= MAX_VALUE - c:
                             if c or not value:
                                 w[W_COUNTER] = c + value
+                                done = True
                                 if armed:
                                     F.hit("write.commit")
                                 if w[W_WR]:
@@ -297,6 +311,7 @@ class Core(FastMutex):
                                 if armed:
                                     F.hit("write.pipe")
                                 w[W_COUNTER] = value
+                                done = True
                                 if armed:
                                     F.hit("write.commit")
                                 if w[W_WR]:
@@ -341,6 +356,8 @@ class Core(FastMutex):
         except BaseException:
             if registered:
                 self._abandon(WRITER)
+            if done and value and tl is self.tlock:  # (not in a child a fork copied us into)
+                self._undo(-value)  # the call raises: it must not have added anything
             raise
         finally:
             if self.closing:
@@ -353,6 +370,7 @@ class Core(FastMutex):
         held = _held
         armed = F.ARMED
         registered = lone = False
+        got = 0
         kind = 0
         try:
             while True:
@@ -376,8 +394,8 @@ class Core(FastMutex):
                             if c > MAX_VALUE:
                                 raise StateError(f"counter {c} exceeds MAX_VALUE")
                             if self.semaphore and c > 1:
-                                got = 1
                                 w[W_COUNTER] = c - 1
+                                got = 1
                                 if armed:
                                     F.hit("read.commit")
                                 if w[W_WW]:
@@ -386,11 +404,11 @@ class Core(FastMutex):
                                     self._restore(w)
                             else:
                                 # n -> 0: drain only after the commit (SPEC §5.3).
-                                got = 1 if self.semaphore else c
                                 w[W_DIRTY] = 1
                                 if armed:
                                     F.hit("read.dirty")
                                 w[W_COUNTER] = 0
+                                got = 1 if self.semaphore else c
                                 if armed:
                                     F.hit("read.commit")
                                 _drain(self.rfd)
@@ -439,6 +457,8 @@ class Core(FastMutex):
         except BaseException:
             if registered:
                 self._abandon(READER)
+            if got and tl is self.tlock:  # (not in a child a fork copied us into)
+                self._undo(got)  # the call raises: it must not have consumed anything
             raise
         finally:
             if self.closing:
@@ -491,6 +511,37 @@ class Core(FastMutex):
     def _abandon(self, cls: int) -> None:
         """Account a registration whose wait ended by an exception (its outcome unknown)."""
         self.abandoned.append(cls)
+        self._locked(self._settle_abandoned)
+
+    def _undo(self, delta: int) -> None:
+        """Take back a committed operation whose call raised (a handler's exception came
+        after the commit): ``-value`` for a write, ``+value`` for a read.
+
+        SPEC §2: a call that raises has consumed or added nothing.  Done under the mutex as
+        an ordinary update, so it is exact unless other processes acted in between and
+        left no room for it (a read of the written value, or a counter near MAX_VALUE);
+        then the operation stays applied.
+        """
+        def undo(w: memoryview) -> None:
+            c = w[W_COUNTER]
+            new = c + delta
+            if new < 0 or new > MAX_VALUE:
+                return
+            w[W_DIRTY] = 1
+            if not c:
+                _signal_ready(self.wfd)  # 0 -> n: the byte first
+            w[W_COUNTER] = new
+            if not new:
+                _drain(self.rfd)  # n -> 0: the byte after
+            self._restore(w)
+            if delta < 0:
+                self._restore_writers(w)
+            w[W_DIRTY] = 0
+
+        self._locked(undo)
+
+    def _locked(self, body: Callable[[memoryview], None]) -> None:
+        """Run ``body`` in a critical section (slow paths; the hot paths inline this)."""
         _held[0] += 1
         try:
             w = self.words
@@ -498,7 +549,7 @@ class Core(FastMutex):
             try:
                 if w[W_DIRTY]:
                     self._repair(w)
-                self._settle_abandoned(w)
+                body(w)
             finally:
                 try:
                     try:

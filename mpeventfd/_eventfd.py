@@ -13,7 +13,7 @@ from typing import NoReturn
 from . import _aio, _lifecycle, _lock, _reentry
 from ._core import DEFERRED_GRACE, Core
 from ._errors import closed_error, oserror
-from ._state import MAX_VALUE, W_NONBLOCK
+from ._state import MAX_VALUE
 
 EFD_SEMAPHORE: int = getattr(os, "EFD_SEMAPHORE", 1)
 EFD_CLOEXEC: int = getattr(os, "EFD_CLOEXEC", os.O_CLOEXEC)
@@ -110,9 +110,11 @@ class EventFD:
             _check_timeout(timeout)
         if _held[0] and _inside():
             _reentrant_read()
-        if timeout is None:
-            return core.read(-1.0 if core.words[W_NONBLOCK] else None)
-        return core.read(core.until(timeout))
+        try:
+            until = core.until(timeout)
+        except ValueError:  # the mapping was released: another thread closed it just now
+            raise closed_error() from None
+        return core.read(until)
 
     def write(self, value: int = 1, timeout: float | None = None) -> None:
         """Add ``value`` to the counter.
@@ -148,10 +150,11 @@ class EventFD:
         if _held[0] and _inside():
             _reentry.defer(self._apply_deferred, value)
             return
-        if timeout is None:
-            core.write(value, -1.0 if core.words[W_NONBLOCK] else None)
-        else:
-            core.write(value, core.until(timeout))
+        try:
+            until = core.until(timeout)
+        except ValueError:  # the mapping was released: another thread closed it just now
+            raise closed_error() from None
+        core.write(value, until)
 
     def _apply_deferred(self, value: int) -> None:
         # A deferred write has no caller left to wait for room, so it does not wait for it;

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 
 import posix_ipc
@@ -38,7 +39,6 @@ from ._probe import PLATFORM
 from ._state import (
     ASIDE,
     ENTERING,
-    IDLE,
     NSLOTS,
     S_LOCK,
     S_PID,
@@ -62,14 +62,20 @@ _GETVALUE = PLATFORM.sem_getvalue
 _MASK = 0xFF
 
 
-def _word(seq: int, phase: int) -> int:
-    return (seq << 8) | phase
+def forked_error() -> RuntimeError:
+    return RuntimeError(
+        "an eventfd operation interrupted by os.fork() cannot finish in the child; "
+        "the parent finishes it"
+    )
 
 
 class FastMutex(Waiters):
     """Base of :class:`~mpeventfd._core.Core`: the slow path of the fast mutex."""
 
-    __slots__ = ("first_fail", "fix_slot", "last_aside", "lockword", "released", "sem_m", "seq")
+    __slots__ = (
+        "first_fail", "fix_slot", "last_aside", "lockword", "released", "sem_m", "seq",
+        "taken", "tlock",
+    )
     first_fail: float
     fix_slot: bool
     last_aside: int
@@ -77,24 +83,34 @@ class FastMutex(Waiters):
     released: bool
     sem_m: posix_ipc.Semaphore
     seq: int
+    taken: bool
+    tlock: threading.RLock
 
     def _open_private(self) -> int:
         raise NotImplementedError  # Core opens the process's private descriptor
 
     # -- claiming a slot --------------------------------------------------------------------
 
-    def _claim_fast(self) -> int:
+    def _claim_fast(self, until: float | None, grace: float) -> int:
         """Own a slot before the first semaphore operation (invariant I5); return its word.
 
         Lock the liveness byte first, then re-read the word under it (lock-protocol L5): a
         dead slot left ENTERING is a dead holder's evidence and stays for the recoverer.
+        Claims are serialised by a kernel byte lock, waited for like the mutex itself (a
+        stopped claimer gives a timed call ``TimeoutError``, not a hang).
         """
         if self.released:
             raise closed_error()
         pd = self.private if self.private >= 0 else self._open_private()
         w = self.words
-        _lock.lock_byte(pd, CLAIM_BYTE)
+        limit = None if until is None else (time.monotonic() + grace if until < 0 else until)
         try:
+            # Inside the try: an exception right after the lock call still unlocks, which
+            # is harmless when it was not taken (a private description; one claimer).
+            try:
+                _lock.lock_byte(pd, CLAIM_BYTE, limit)
+            except _lock.Busy:
+                raise _lock.busy_error(until is not None and until < 0) from None
             for i in range(NSLOTS):
                 if not _lock.claim_liveness(pd, i):
                     continue
@@ -104,14 +120,15 @@ class FastMutex(Waiters):
                     _lock.release_liveness(pd, i)
                     continue
                 seq = (word >> 8) + 1
-                w[lw] = _word(seq, IDLE)
+                w[lw] = seq << 8  # IDLE
                 w[slot_word(i, S_PID)] = os.getpid()
                 if i >= w[W_HWM]:
                     w[W_HWM] = i + 1
                 self.slot, self.lockword, self.seq = i, lw, seq
-                # A dead previous owner may have left waiter registrations: they are
-                # corrected under the mutex, at the first critical section.
-                self.fix_slot = bool(w[slot_word(i, S_WR)] or w[slot_word(i, S_WR + 1)])
+                # Under the mutex, at the first section: drop what a dead previous owner
+                # left registered, and write our pid again in case a holder that judged
+                # the slot dead zeroed it just after our claim.
+                self.fix_slot = True
                 if F.ARMED:
                     F.hit("attach.slot")
                 return lw
@@ -120,34 +137,38 @@ class FastMutex(Waiters):
         raise oserror(errno.EUSERS, f"more than {NSLOTS} processes use this eventfd")
 
     def _settle_claim(self, w: memoryview) -> None:
-        """Under the mutex: drop the registrations a dead previous owner of our slot left."""
+        """Under the mutex, once after a claim (see ``_claim_fast``)."""
+        pid = os.getpid()
         base = slot_word(self.slot, S_PID)
+        dirty = w[W_DIRTY]  # keep a repair that is due: this runs before the section's check
         w[W_DIRTY] = 1
+        w[base] = pid
         for cls in (0, 1):
             n = w[base + S_WR + cls]
             count = W_WR + 2 * cls
             w[count] -= min(w[count], n)
             w[count + 1] -= min(w[count + 1], n)
             w[base + S_WR + cls] = 0
-        w[W_DIRTY] = 0
+        w[W_DIRTY] = dirty
         self.fix_slot = False
 
     # -- the slow path ----------------------------------------------------------------------
 
-    def _acquire_slow(
-        self, w: memoryview, lw: int, seq: int, until: float | None, grace: float
-    ) -> int:
+    def _acquire_slow(self, w: memoryview, lw: int, seq: int, until: float | None,
+                      grace: float, tl: object) -> int:
         """Our word is ENTERING(seq) and the token was busy: wait for it, or recover it.
 
         Returns the seq of our ENTERING word, holding the token; or raises, with the word
-        IDLE and no token.
+        IDLE and no token.  ``tl`` is the caller's thread lock: a frame that a fork copied
+        into a child (where the lock was replaced) must not touch the semaphore (S4).
         """
         now = time.monotonic()
         limit = None if until is None else (now + grace if until < 0 else until)
         if not self.first_fail:
             self.first_fail = now  # persists across calls: short timeouts still recover (L1)
+        self.taken = False
         try:
-            if self._spin():
+            if self._spin(tl):
                 self.first_fail = 0.0
                 return seq
             while True:
@@ -155,28 +176,34 @@ class FastMutex(Waiters):
                 if req > w[W_RESOLVED] and req != self.last_aside:
                     seq = self._stand_aside(w, lw, seq, req, limit)
                 elif (time.monotonic() - self.first_fail > RECOVERY_AFTER
-                      and self._dead_entering(w) and self._recover(w, lw, seq)):
+                      and self._dead_entering(w) and self._recover(w, limit, tl)):
                     break
                 step = MUTEX_STEP
                 if limit is not None:
                     step = min(step, limit - time.monotonic())
                     if step <= 0:
                         raise _lock.busy_error(until is not None and until < 0)
+                if self.tlock is not tl:
+                    raise forked_error()
                 if _wake.take_step(self.sem_m, step):
                     break
         except _wake.HeldAfter as held:
             self.sem_m.release()  # we hold a token we will not use: give it back
-            w[lw] = _word(seq + 1, IDLE)
+            w[lw] = (seq + 1) << 8  # IDLE, after the post (invariant I2)
             self.seq = seq + 1
             raise held.original from None
         except BaseException:
-            w[lw] = _word(seq + 1, IDLE)
+            if self.taken:  # a proof took the token, then something raised
+                self.taken = False
+                self.sem_m.release()
+            w[lw] = (seq + 1) << 8
             self.seq = seq + 1
             raise
+        self.taken = False
         self.first_fail = 0.0
         return seq
 
-    def _spin(self) -> bool:
+    def _spin(self, tl: object) -> bool:
         """Retry briefly before sleeping: a live holder keeps the token for microseconds.
 
         A reader that a pipe byte woke usually finds its writer still inside the section
@@ -188,6 +215,8 @@ class FastMutex(Waiters):
         deadline = time.perf_counter() + SPIN_SECONDS
         while time.perf_counter() < deadline:
             os.sched_yield()
+            if self.tlock is not tl:
+                raise forked_error()
             if (not _GETVALUE or sem.value) and _wake.try_take_mutex(sem):
                 return True
         return False
@@ -196,7 +225,8 @@ class FastMutex(Waiters):
                      limit: float | None) -> int:
         """Promise a prover that we make no semaphore operation until its request resolves."""
         seq += 1
-        w[lw] = _word(seq, ASIDE)
+        w[lw] = (seq << 8) | ASIDE
+        self.seq = seq
         self.last_aside = req
         end = time.monotonic() + ASIDE_PERIOD
         if limit is not None:
@@ -208,8 +238,8 @@ class FastMutex(Waiters):
                 delay = min(delay * 2, 0.005)
         finally:
             seq += 1
-            w[lw] = _word(seq, ENTERING)
-        self.seq = seq
+            w[lw] = (seq << 8) | ENTERING
+            self.seq = seq
         return seq
 
     # -- recovery ---------------------------------------------------------------------------
@@ -222,8 +252,12 @@ class FastMutex(Waiters):
                 return True
         return False
 
-    def _recover(self, w: memoryview, lw: int, seq: int) -> bool:
-        """Elected prover: ask the others to stand aside, then prove; True if holding."""
+    def _recover(self, w: memoryview, limit: float | None, tl: object) -> bool:
+        """Elected prover: ask the others to stand aside, then prove; True if holding.
+
+        Sets ``self.taken`` the moment the token is ours, so an exception after that (even
+        from ending the election) gives it back instead of losing it.
+        """
         pd = self.private
         if not _lock.try_election(pd):
             return False
@@ -231,8 +265,12 @@ class FastMutex(Waiters):
             req = w[W_REQ] + 1
             w[W_REQ] = req  # a new generation after every failed proof (L7)
             end = time.monotonic() + 2 * ASIDE_PERIOD
+            if limit is not None:
+                end = min(end, limit)
             while self._collect(w) is None and time.monotonic() < end:
                 time.sleep(0.001)
+            if self.tlock is not tl:
+                raise forked_error()
             return self._prove(w, req)
         finally:
             _lock.end_election(pd)
@@ -259,6 +297,7 @@ class FastMutex(Waiters):
         if c1 is None:
             return False
         if _wake.take_step(self.sem_m, 0):
+            self.taken = True
             # The token was free after all (its holder posted): an ordinary acquisition.
             self._clear_dead_entering(w)
             w[W_RESOLVED] = max(w[W_RESOLVED], req)
@@ -267,6 +306,7 @@ class FastMutex(Waiters):
             return False
         # Between C1 and C2 no live process was ENTERING and nothing changed, and the
         # semaphore was 0 in between: the token belongs to a dead process.  Take it over.
+        self.taken = True
         self._clear_dead_entering(w)
         w[W_EPOCH] += 1
         w[W_DIRTY] = 1  # the dead holder may have been mid-update: the section repairs
@@ -280,5 +320,5 @@ class FastMutex(Waiters):
         for j in range(min(w[W_HWM], NSLOTS)):
             lw = slot_word(j, S_LOCK)
             if j != self.slot and w[lw] & _MASK == ENTERING and not _lock.slot_alive(pd, j):
-                w[lw] = _word((w[lw] >> 8) + 1, IDLE)
+                w[lw] = ((w[lw] >> 8) + 1) << 8  # IDLE
 

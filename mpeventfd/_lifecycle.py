@@ -63,6 +63,7 @@ from ._state import (
 _registry: dict[bytes, Core] = {}
 _by_fileno: dict[int, Core] = {}
 _reg_lock = threading.Lock()
+_janitor_lock = threading.Lock()
 _pending: set[str] = set()  # names whose liveness test failed at our last detach
 _janitor: threading.Thread | None = None
 _last_sweep = 0.0
@@ -289,7 +290,7 @@ def _attach(state_fd: int, rfd: int, wfd: int, expect: bytes | None) -> Core:
 def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
                    st: os.stat_result) -> Core:
     name = _names.encode(ident)
-    existing = _registry.get(ident)
+    existing = _registry.get(ident) or _revive(ident)
     if existing is not None and not existing.released:
         _check_same(existing, st, rfd, wfd)
         if (state_fd, rfd, wfd) != (existing.state_fd, existing.rfd, existing.wfd):
@@ -336,6 +337,24 @@ def _three(
     sems: list[posix_ipc.Semaphore],
 ) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore, posix_ipc.Semaphore | None]:
     return sems[0], sems[1], sems[2] if len(sems) > 2 else None
+
+
+def _revive(ident: bytes) -> Core | None:
+    """A core whose last handle closed while a thread still waits in it: use it again.
+
+    A second core would open a second private descriptor, and classic ``fcntl`` locks
+    belong to the process: closing either would drop the other's locks (lock-protocol S4).
+    Called with ``_reg_lock`` held.
+    """
+    for core in list(_reentry.cores.values()):
+        if isinstance(core, Core) and core.ident == ident:
+            with core.tlock:
+                if core.released:
+                    return None
+                core.closing = False
+            _register_locked(core)
+            return core
+    return None
 
 
 def _check_state_fd(fd: int) -> os.stat_result:
@@ -464,8 +483,8 @@ def _finish(core: Core, blocking: bool = True) -> None:
         _start_janitor()
         return
     try:
-        if core.released or core.waiters:
-            return  # the last waiter out calls _on_idle
+        if core.released or core.waiters or not core.closing:
+            return  # the last waiter out calls _on_idle; or an attach revived it
         core.released = True
         if core.fast:
             core.lockword = -1  # the next _enter_fast goes to _claim_fast, which sees released
@@ -629,12 +648,17 @@ def _sweep_now_and_then() -> None:
 
 
 def _start_janitor() -> None:
+    """Start the janitor unless it runs; never blocks (finalizers call this)."""
     global _janitor
-    with _reg_lock:
+    if not _janitor_lock.acquire(False):
+        return  # being started right now, possibly by this very thread
+    try:
         if _janitor is not None and _janitor.is_alive():
             return
         _janitor = threading.Thread(target=_janitor_loop, name="mpeventfd-janitor", daemon=True)
         _janitor.start()
+    finally:
+        _janitor_lock.release()
 
 
 def _janitor_loop() -> None:
@@ -681,13 +705,24 @@ def shutdown() -> None:
 
 
 def _after_fork_child() -> None:
-    global _reg_lock, _janitor
+    global _reg_lock, _janitor_lock, _janitor
     _reg_lock = threading.Lock()
+    _janitor_lock = threading.Lock()
     _janitor = None
     _pending.clear()  # the parent retests its own names
     _reentry.reset_after_fork()
-    for core in list(_registry.values()):
-        core.after_fork_child()
+    _aio.reset_after_fork()
+    for core in list(_reentry.cores.values()):
+        if not isinstance(core, Core):
+            continue
+        if core.closing:
+            # No handle of it exists, and no thread of the child waits in it: let go of
+            # the copies now, or the child would pin the parent's locks (design-review M2).
+            core.released = True
+            _reentry.cores.pop(id(core), None)
+            _close_resources(core)
+        else:
+            core.after_fork_child()
 
 
 def _install_mp_finalizer(_: object) -> None:

@@ -55,10 +55,10 @@ def open_private(state_fd: int, lock_path: str, lock_ident: tuple[int, int]) -> 
     return fd
 
 
-def try_lock(fd: int) -> bool:
-    """Take the mutex if it is free; never wait."""
+def try_lock(fd: int, request: bytes = LOCK) -> bool:
+    """Take a byte lock (the mutex by default) if it is free; never wait."""
     try:
-        fcntl.fcntl(fd, SETLK, LOCK)
+        fcntl.fcntl(fd, SETLK, request)
     except OSError as e:
         if e.errno in _BUSY:
             return False
@@ -66,15 +66,15 @@ def try_lock(fd: int) -> bool:
     return True
 
 
-def lock_until(fd: int, deadline: float) -> None:
-    """Take the mutex, polling until ``deadline`` (monotonic); raise :class:`Busy` after it.
+def lock_until(fd: int, deadline: float, request: bytes = LOCK) -> None:
+    """Take a byte lock, polling until ``deadline`` (monotonic); raise :class:`Busy` after.
 
     ``F_OFD_SETLKW`` has no timeout, and a holder that is stopped (SIGSTOP, a debugger)
     would hold every timed call hostage (design-review M1).  Live holders keep the lock for
     microseconds, so the back-off starts tiny.
     """
     delay = 20e-6
-    while not try_lock(fd):
+    while not try_lock(fd, request):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Busy
@@ -92,9 +92,13 @@ def unlocker(fd: int) -> functools.partial[object]:
     return functools.partial(fcntl.fcntl, fd, SETLK, UNLOCK)
 
 
-def lock_byte(fd: int, byte: int) -> None:
-    """Take a byte lock, waiting: its holders never wait for anything while holding it."""
-    fcntl.fcntl(fd, SETLKW, flock_struct(fcntl.F_WRLCK, byte))
+def lock_byte(fd: int, byte: int, deadline: float | None) -> None:
+    """Take a byte lock, waiting until ``deadline`` (``None``: for ever); :class:`Busy` after."""
+    request = flock_struct(fcntl.F_WRLCK, byte)
+    if deadline is None:
+        fcntl.fcntl(fd, SETLKW, request)
+    else:
+        lock_until(fd, deadline, request)
 
 
 def unlock_byte(fd: int, byte: int) -> None:

@@ -47,15 +47,17 @@ def wait_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             return False
         return True
+    if not _last_base:
+        _last_base.append(_sigmask(_BLOCK, _NOTHING))  # learn the mask once, unchanged
     try:
         # One call both blocks and returns the mask to restore.  A handler that tripped
         # before it runs right after it returns, before ``base`` is bound: restore the mask
         # this thread had at its previous step (the usual unmasked one) and let it raise.
         base = _sigmask(_BLOCK, ASYNC_SIGNALS)
     except BaseException:
-        _sigmask(_SETMASK, _last_base[0] if _last_base else ())
+        _sigmask(_SETMASK, _last_base[0])
         raise
-    _last_base[:] = [base]
+    _last_base[0] = base
     try:
         sem.acquire(seconds)
         return True
