@@ -13,7 +13,7 @@ from typing import NoReturn
 from . import _aio, _lifecycle, _lock, _reentry
 from ._core import DEFERRED_GRACE, Core
 from ._errors import closed_error, oserror
-from ._state import MAX_VALUE
+from ._state import MAX_VALUE, W_NONBLOCK
 
 EFD_SEMAPHORE: int = getattr(os, "EFD_SEMAPHORE", 1)
 EFD_CLOEXEC: int = getattr(os, "EFD_CLOEXEC", os.O_CLOEXEC)
@@ -111,7 +111,10 @@ class EventFD:
         if _held[0] and _inside():
             _reentrant_read()
         try:
-            until = core.until(timeout)
+            if timeout is None:
+                until = -1.0 if core.words[W_NONBLOCK] else None
+            else:
+                until = core.until(timeout)
         except ValueError:  # the mapping was released: another thread closed it just now
             raise closed_error() from None
         return core.read(until)
@@ -151,7 +154,10 @@ class EventFD:
             _reentry.defer(self._apply_deferred, value)
             return
         try:
-            until = core.until(timeout)
+            if timeout is None:
+                until = -1.0 if core.words[W_NONBLOCK] else None
+            else:
+                until = core.until(timeout)
         except ValueError:  # the mapping was released: another thread closed it just now
             raise closed_error() from None
         core.write(value, until)
@@ -179,6 +185,11 @@ class EventFD:
         delay = 0.0005
         while True:
             core = self._live()
+            if not core.peek():
+                # Nothing to read: wait first.  (A lock-free look: a write that lands just
+                # after it has written the pipe byte already, so the wait returns at once.)
+                await _aio.wait_readable(core.rfd)
+                core = self._live()
             try:
                 return core.read(-1.0, grace=0.0)
             except _lock.MutexBusy:

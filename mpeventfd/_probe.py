@@ -47,6 +47,7 @@ class Platform:
         fallocate: ``os.posix_fallocate`` reserves tmpfs pages up front.
         state_dir: where state files (and lock files) live.
         sem_dir: where the kernel shows named semaphores as files (``""`` if nowhere).
+        cpus: CPUs this process may run on (spinning is pointless on one).
     """
 
     portable: bool
@@ -65,6 +66,7 @@ class Platform:
     fallocate: bool
     state_dir: str
     sem_dir: str
+    cpus: int
 
 
 def _flock_fmt() -> str:
@@ -115,6 +117,12 @@ def _state_dir() -> str:
     return _private_dir()
 
 
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _probe(force_portable: bool) -> Platform:
     has_ofd = hasattr(fcntl, "F_OFD_SETLK") and not force_portable
     portable = force_portable or not has_ofd
@@ -136,6 +144,7 @@ def _probe(force_portable: bool) -> Platform:
         fallocate=hasattr(os, "posix_fallocate") and not portable,
         state_dir=_state_dir(),
         sem_dir="/dev/shm" if linux_sems else "",
+        cpus=_cpus(),
     )
 
 
