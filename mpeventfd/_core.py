@@ -83,6 +83,10 @@ _UNLOCK = _lock.UNLOCK
 _BusyError = posix_ipc.BusyError
 _signal_ready = _notifier.signal_ready
 _drain = _notifier.drain
+_fast_drain = _notifier.drain_once
+_SCRATCH_LEN = _notifier.SCRATCH_LEN
+_os_write = os.write
+_BYTE = b"\x01"
 _held = _reentry.held
 _deferred = _reentry.deferred
 _inside = _reentry.inside
@@ -314,7 +318,10 @@ class Core(FastMutex):
                                 w[W_DIRTY] = 1
                                 if armed:
                                     F.hit("write.dirty")
-                                _signal_ready(self.wfd)
+                                try:  # the pipe byte (a full pipe is already readable)
+                                    _os_write(self.wfd, _BYTE)
+                                except BlockingIOError:
+                                    pass
                                 if armed:
                                     F.hit("write.pipe")
                                 w[W_COUNTER] = value
@@ -421,7 +428,8 @@ class Core(FastMutex):
                                 got = 1 if self.semaphore else c
                                 if armed:
                                     F.hit("read.commit")
-                                _drain(self.rfd)
+                                if _fast_drain(self.rfd) == _SCRATCH_LEN:
+                                    _drain(self.rfd)  # more than one byte: empty it all
                                 if armed:
                                     F.hit("read.drained")
                                 if w[W_WW]:
