@@ -674,12 +674,17 @@ def _janitor_loop() -> None:
         delay = min(delay * 2, 1.0)
         if not _reentry.inside():
             _reentry.drain()
-        for name in list(_pending):
-            try:
-                if liveness_test(name):
-                    _pending.discard(name)
-            except OSError:
-                pass
+        _retest_pending()
+
+
+def _retest_pending() -> None:
+    """Run the liveness test again on every name a detach could not remove."""
+    for name in list(_pending):
+        try:
+            if liveness_test(name):
+                _pending.discard(name)
+        except OSError:
+            pass
 
 
 def shutdown() -> None:
@@ -696,12 +701,7 @@ def shutdown() -> None:
             _forget(core)
     for core in cores:
         _finish(core, blocking=False)
-    for name in list(_pending):
-        try:
-            if liveness_test(name):
-                _pending.discard(name)
-        except OSError:
-            pass
+    _retest_pending()
 
 
 def _after_fork_child() -> None:

@@ -40,13 +40,7 @@ def wait_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
     if not PLATFORM.sem_timedwait:
         return _poll_step(sem, seconds)
     if threading.current_thread() is not _main_thread():
-        # Python handlers never run here, so a SignalError hides nothing: the step just
-        # ended early, and the caller re-checks.
-        try:
-            sem.acquire(seconds)
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
-            return False
-        return True
+        return _step_unmasked(sem, seconds)
     if not _last_base:
         _last_base.append(_sigmask(_BLOCK, _NOTHING))  # learn the mask once, unchanged
     try:
@@ -65,6 +59,16 @@ def wait_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
         return False
     finally:
         _sigmask(_SETMASK, base)
+
+
+def _step_unmasked(sem: posix_ipc.Semaphore, seconds: float) -> bool:
+    """A wait step outside the main thread.  Python handlers never run there, so a
+    ``SignalError`` hides nothing: the step just ended early, and the caller re-checks."""
+    try:
+        sem.acquire(seconds)
+    except (posix_ipc.BusyError, posix_ipc.SignalError):
+        return False
+    return True
 
 
 def _poll_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
@@ -149,11 +153,7 @@ def take_step(sem: posix_ipc.Semaphore, seconds: float) -> bool:
     if not PLATFORM.sem_timedwait:
         return _take_polling(sem, seconds)
     if threading.current_thread() is not _main_thread():
-        try:
-            sem.acquire(seconds)
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
-            return False
-        return True
+        return _step_unmasked(sem, seconds)
     base = _sigmask(_BLOCK, _NOTHING)
     stage = 0
     try:
