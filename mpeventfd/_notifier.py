@@ -93,11 +93,6 @@ def pending(r: int) -> int:
     return buf[0]
 
 
-def readable(r: int) -> bool:
-    """True if a zero-timeout ``select`` reports the read end readable."""
-    return bool(select.select([r], [], [], 0)[0])
-
-
 def wait_readable(r: int, seconds: float) -> bool:
     """Wait at most ``seconds`` for the read end to become readable.
 
