@@ -55,7 +55,7 @@ from ._state import (
     W_WW,
     Mapping,
 )
-from ._waiters import CONSUMED, EXPIRED, FAILED, POLLED, READER, WRITER
+from ._waiters import CONSUMED, EXPIRED, POLLED, READER, WRITER
 
 # Bounded wait steps (SPEC §5.4: at most 250 ms on every platform).  The main thread blocks
 # signals during a step, so its step also bounds the latency of Ctrl-C.  Writers wait in
@@ -635,4 +635,4 @@ class Core(FastMutex):
             self.unlock = _nothing
 
 
-__all__ = ["CONSUMED", "EXPIRED", "FAILED", "READER", "WRITER", "Core"]
+__all__ = ["DEFERRED_GRACE", "MUTEX_GRACE", "Core"]
