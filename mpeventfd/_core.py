@@ -55,7 +55,7 @@ from ._state import (
     W_WW,
     Mapping,
 )
-from ._waiters import CONSUMED, EXPIRED, POLLED, READER, WRITER
+from ._waiters import CONSUMED, EXPIRED, FAILED, POLLED, READER, WRITER
 
 # Bounded wait steps (SPEC §5.4: at most 250 ms on every platform).  The main thread blocks
 # signals during a step, so its step also bounds the latency of Ctrl-C.  Writers wait in
@@ -83,14 +83,20 @@ _UNLOCK = _lock.UNLOCK
 _BusyError = posix_ipc.BusyError
 _signal_ready = _notifier.signal_ready
 _drain = _notifier.drain
-_fast_drain = _notifier.drain_once
 _SCRATCH_LEN = _notifier.SCRATCH_LEN
+_BUFFERS = _notifier.BUFFERS
+_NOWAIT = _notifier.NOWAIT
+if _NOWAIT:
+    _preadv = os.preadv
 _os_write = os.write
 _BYTE = b"\x01"
 _held = _reentry.held
 _deferred = _reentry.deferred
 _inside = _reentry.inside
 _drain_deferred = _reentry.drain
+
+
+READ = -1  # the ``value`` that asks Core.op for a read
 
 
 def _nothing() -> None:
@@ -101,8 +107,8 @@ class Core(FastMutex):
     """The per-process attachment of one eventfd.  Built by ``_lifecycle`` only."""
 
     __slots__ = (
-        "closing", "enter", "fast", "ident", "idle_word", "lock_ident", "lock_path", "map",
-        "name", "on_idle", "refs", "state_fd", "trywait", "unlock",
+        "closing", "fast", "ident", "lock_ident", "lock_path", "map", "name", "on_idle",
+        "refs", "spin", "state_fd", "trywait", "unlock",
     )
 
     def __init__(
@@ -122,6 +128,7 @@ class Core(FastMutex):
         self.sem_r, self.sem_w = sems[0], sems[1]
         self.lock_path, self.lock_ident = lock_path, lock_ident
         self.semaphore = bool(mapping.words[W_FLAGS] & 1)
+        self.spin = bool(SPIN_READ) and not self.semaphore  # see _spin_for_counter
         self.private = -1
         self.tlock = threading.RLock()
         self.slot = -1
@@ -129,19 +136,16 @@ class Core(FastMutex):
         self.closing = self.released = self.fix_slot = self.taken = False
         self.abandoned: list[int] = []
         self.on_idle: Callable[[Core], None] | None = None
-        self.seq = self.last_aside = self.idle_word = 0
+        self.seq8 = self.last_aside = 0
         self.first_fail = 0.0
         self.fast = mapping.words[W_BACKEND] == BACKEND_FAST and sems[2] is not None
-        self.enter: Callable[[float | None, float], threading.RLock]
         if self.fast:
             assert sems[2] is not None
             self.sem_m = sems[2]
             self.trywait = self.sem_m.acquire
-            self.enter = self._enter_fast
             self.unlock: Callable[[], object] = self.sem_m.release
             self.lockword = -1  # claimed before the first semaphore operation
         else:
-            self.enter = self._enter_kernel
             self.unlock = _nothing  # replaced when the private descriptor opens
             self.lockword = W_SCRATCH
 
@@ -205,68 +209,6 @@ class Core(FastMutex):
                     tl.release()
             raise
 
-    def _enter_fast(self, until: float | None, grace: float) -> threading.RLock:
-        """Thread lock, then the mutex semaphore (lock-protocol §4); same contract."""
-        tl = self.tlock
-        try:
-            if until is None:
-                tl.acquire()
-            else:
-                tl = self._take_thread_lock(until, grace)
-            lw = self.lockword
-            if lw < 0:
-                lw = self._claim_fast(until, grace)  # EBADF on a released core (lockword -1)
-            w = self.words
-            seq = self.seq + 1
-            w[lw] = (seq << 8) | 1  # ENTERING, before any semaphore operation (I1)
-            armed = F.ARMED
-            try:
-                if armed:
-                    F.hit("mutex.entering")
-                if tl is not self.tlock:
-                    raise forked_error()  # a frame a fork copied into the child (S4)
-            except BaseException:
-                w[lw] = (seq + 1) << 8  # IDLE
-                self.seq = seq + 1
-                raise
-            try:
-                # Nothing in this block but the trywait can raise, so an exception that is
-                # not posix_ipc's arrived after a successful take (_wake.taken_then_raised).
-                self.trywait(0)
-            except _BusyError:
-                try:
-                    seq = self._acquire_slow(w, lw, seq, until, grace, tl)
-                except BaseException:
-                    # Interrupted before _acquire_slow could clean up (a handler at its first
-                    # line): still ENTERING without the token.  Inline stores only.
-                    word = w[lw]
-                    if word & 0xFF == 1:
-                        w[lw] = ((word >> 8) + 1) << 8
-                        self.seq = (word >> 8) + 1
-                    raise
-            except BaseException as e:
-                if _wake.taken_then_raised(e):
-                    self.sem_m.release()
-                w[lw] = (seq + 1) << 8  # IDLE
-                self.seq = seq + 1
-                raise
-            self.seq = seq + 1
-            self.idle_word = (seq + 1) << 8  # IDLE, written right after the release post
-            try:
-                if self.fix_slot:
-                    self._settle_claim(w)
-                if armed:
-                    F.hit("mutex.taken")
-            except BaseException:
-                self.sem_m.release()
-                w[lw] = self.idle_word
-                raise
-            return tl
-        except BaseException:
-            if tl._is_owned():  # type: ignore[attr-defined]
-                tl.release()
-            raise
-
     def _open_private(self) -> int:
         return self.adopt_private(
             _lock.open_private(self.state_fd, self.lock_path, self.lock_ident)
@@ -281,138 +223,153 @@ class Core(FastMutex):
 
     # -- the operations ---------------------------------------------------------------------
 
-    def write(self, value: int, until: float | None, grace: float = MUTEX_GRACE) -> None:
-        """Add ``value`` (already validated), waiting for room as ``until`` allows."""
+    def op(self, value: int, until: float | None, grace: float = MUTEX_GRACE,
+           body: Callable[[memoryview], None] | None = None) -> int:
+        """Write ``value`` (already validated, ``>= 0``) or read (``value == READ``).
+
+        Returns what a read consumed (0 for a write).  A call that cannot proceed registers
+        as a waiter, leaves the section, waits one bounded step (``until`` allows it), and
+        enters again.  With ``body``, the section only repairs and runs ``body`` (the slow
+        paths' bookkeeping, see :meth:`_locked`).
+
+        One function for both operations keeps a single copy of the section's entry and
+        exit.  It is written for the uncontended call, whose cost is mostly the interpreter
+        (SPEC §7 P1, P2): the mutex entry is inlined, and everything only a waiting call
+        needs is computed when it waits.
+        """
         held = _held
         armed = F.ARMED  # tests arm the hook before the call: one global lookup, not ten
-        registered = done = False
-        kind = 0
+        waited = 0  # registered as a waiter: how its last wait step ended (FAILED: unknown)
+        change = 0  # what this call committed, taken back if it raises
+        if value < 0 and self.spin and (until is None or until > 0):
+            try:
+                if not self.words[W_COUNTER]:
+                    self._spin_for_counter(until)
+            except ValueError:
+                pass  # the mapping went away: closed under us, and the section says EBADF
         try:
             while True:
                 held[0] += 1
                 try:
                     w = self.words
-                    tl = self.enter(until, grace)
-                    try:
-                        if w[W_DIRTY]:
-                            self._repair(w)
-                        if armed:
-                            F.hit("write.locked")
-                        if registered:
-                            self._unregister(w, WRITER, kind)
-                            registered = False
-                            self._after_wait(w, WRITER, kind)
-                            if armed:
-                                F.hit("wait.accounted")
-                        c = w[W_COUNTER]
-                        if value <= MAX_VALUE - c:
-                            if c or not value:
-                                w[W_COUNTER] = c + value
-                                done = True
-                                if armed:
-                                    F.hit("write.commit")
-                                if w[W_WR]:
-                                    self._restore(w)
-                            else:
-                                # 0 -> n: the pipe byte goes in before the commit (SPEC §5.3).
-                                w[W_DIRTY] = 1
-                                if armed:
-                                    F.hit("write.dirty")
-                                try:  # the pipe byte (a full pipe is already readable)
-                                    _os_write(self.wfd, _BYTE)
-                                except BlockingIOError:
-                                    pass
-                                if armed:
-                                    F.hit("write.pipe")
-                                w[W_COUNTER] = value
-                                done = True
-                                if armed:
-                                    F.hit("write.commit")
-                                if w[W_WR]:
-                                    self._restore(w)
-                                w[W_DIRTY] = 0
-                            if armed:
-                                F.hit("write.posted")
-                                F.hit("write.before_unlock")
-                            return
-                        if c > MAX_VALUE:
-                            raise StateError(f"counter {c} exceeds MAX_VALUE")
-                        if until is not None and (until < 0 or _monotonic() >= until):
-                            raise would_block() if until < 0 else timeout_error()
-                        self._register(w, WRITER)
-                        registered = True
-                        if armed:
-                            F.hit("wait.registered")
-                    except BaseException:
-                        # An exception inside the section (a handler's, at any bytecode)
-                        # leaves it whole: repair what it left dirty before unlocking.
-                        if w[W_DIRTY]:
-                            self._repair(w)
-                        raise
-                    finally:
+                    tl = self.tlock
+                    if self.fast:
+                        # The thread lock, then the mutex semaphore (lock-protocol §4); holding
+                        # both, or raising holding neither.  The caller releases exactly the
+                        # thread lock taken: after a fork from inside the section, self.tlock
+                        # is the child's new lock (design-review S4).
                         try:
+                            if until is None:
+                                tl.acquire()
+                            else:
+                                tl = self._take_thread_lock(until, grace)
+                            lw = self.lockword
+                            if lw < 0:
+                                lw = self._claim_fast(until, grace)  # EBADF once released
+                            # ENTERING at the next seq, before any semaphore operation (I1);
+                            # ``entering + 255`` is IDLE at the seq after it.
+                            entering = self.seq8 + 257
+                            w[lw] = entering
                             try:
-                                if tl is self.tlock:
-                                    self.unlock()
-                            finally:
+                                if armed:
+                                    F.hit("mutex.entering")
+                                if tl is not self.tlock:
+                                    raise forked_error()  # a frame a fork copied (S4)
+                            except BaseException:
+                                w[lw] = self.seq8 = entering + 255  # IDLE
+                                raise
+                            try:
+                                # Nothing here but the trywait can raise, so an exception
+                                # that is not posix_ipc's came after a successful take
+                                # (_wake.taken_then_raised).
+                                self.trywait(0)
+                            except _BusyError:
                                 try:
-                                    if armed:
-                                        F.hit("mutex.posted")
-                                finally:
-                                    w[self.lockword] = self.idle_word
-                        finally:
-                            tl.release()
-                finally:
-                    held[0] -= 1
-                    if _deferred and not _inside():
-                        _drain_deferred()
-                kind = self._wait(WRITER, until, False)
-        except BaseException:
-            if registered:
-                self._abandon(WRITER)
-            if done and value and tl is self.tlock:  # (not in a child a fork copied us into)
-                self._undo(-value)  # the call raises: it must not have added anything
-            raise
-        finally:
-            if self.closing:
-                self._idle()
-            if armed:
-                F.hit("write.unlocked")
-
-    def read(self, until: float | None, grace: float = MUTEX_GRACE) -> int:
-        """Consume per the mode, waiting for a counter > 0 as ``until`` allows."""
-        held = _held
-        armed = F.ARMED
-        registered = lone = False
-        got = 0
-        kind = 0
-        if (SPIN_READ and not self.words[W_COUNTER] and not self.semaphore
-                and (until is None or until > 0)):
-            self._spin_for_counter(until)
-        try:
-            while True:
-                held[0] += 1
-                try:
-                    w = self.words
-                    tl = self.enter(until, grace)
+                                    seq = self._acquire_slow(w, lw, entering >> 8, until,
+                                                             grace, tl)
+                                except BaseException:
+                                    # Interrupted before _acquire_slow could clean up (a
+                                    # handler at its first line): still ENTERING without
+                                    # the token.  Inline stores only.
+                                    word = w[lw]
+                                    if word & 0xFF == 1:
+                                        w[lw] = self.seq8 = ((word >> 8) + 1) << 8
+                                    raise
+                                entering = (seq << 8) | 1
+                            except BaseException as e:
+                                if _wake.taken_then_raised(e):
+                                    self.sem_m.release()
+                                w[lw] = self.seq8 = entering + 255  # IDLE
+                                raise
+                        except BaseException:
+                            if tl._is_owned():  # type: ignore[attr-defined]
+                                tl.release()
+                            raise
+                        # No call from the trywait to the next ``try``: nothing can raise
+                        # in between (handlers run only at calls and backward jumps).
+                        self.seq8 = idle = entering + 255  # stored after the release post
+                    else:
+                        tl = self._enter_kernel(until, grace)
+                        lw, idle = self.lockword, 0
                     try:
+                        if self.fix_slot:
+                            self._settle_claim(w)
+                        if armed:
+                            F.hit("mutex.taken")
                         if w[W_DIRTY]:
                             self._repair(w)
+                        if body is not None:
+                            body(w)
+                            return 0
                         if armed:
-                            F.hit("read.locked")
-                        if registered:
-                            self._unregister(w, READER, kind)
-                            registered = False
-                            self._after_wait(w, READER, kind)
+                            F.hit("read.locked" if value < 0 else "write.locked")
+                        if waited:
+                            cls = READER if value < 0 else WRITER
+                            self._unregister(w, cls, waited)
+                            kind, waited = waited, 0  # unregistered: stores only, no call
+                            self._after_wait(w, cls, kind)
                             if armed:
                                 F.hit("wait.accounted")
                         c = w[W_COUNTER]
-                        if c:
+                        if value >= 0:
+                            if value <= MAX_VALUE - c:
+                                if c or not value:
+                                    w[W_COUNTER] = c + value
+                                    change = value
+                                    if armed:
+                                        F.hit("write.commit")
+                                    if w[W_WR]:
+                                        self._restore(w)
+                                else:
+                                    # 0 -> n: the pipe byte goes in before the commit (§5.3).
+                                    w[W_DIRTY] = 1
+                                    if armed:
+                                        F.hit("write.dirty")
+                                    try:  # the pipe byte (a full pipe is already readable)
+                                        _os_write(self.wfd, _BYTE)
+                                    except BlockingIOError:
+                                        pass
+                                    if armed:
+                                        F.hit("write.pipe")
+                                    w[W_COUNTER] = value
+                                    change = value
+                                    if armed:
+                                        F.hit("write.commit")
+                                    if w[W_WR]:
+                                        self._restore(w)
+                                    w[W_DIRTY] = 0
+                                if armed:
+                                    F.hit("write.posted")
+                                    F.hit("write.before_unlock")
+                                return 0
+                            if c > MAX_VALUE:
+                                raise StateError(f"counter {c} exceeds MAX_VALUE")
+                        elif c:
                             if c > MAX_VALUE:
                                 raise StateError(f"counter {c} exceeds MAX_VALUE")
                             if self.semaphore and c > 1:
                                 w[W_COUNTER] = c - 1
-                                got = 1
+                                change = -1
                                 if armed:
                                     F.hit("read.commit")
                                 if w[W_WW]:
@@ -425,11 +382,20 @@ class Core(FastMutex):
                                 if armed:
                                     F.hit("read.dirty")
                                 w[W_COUNTER] = 0
-                                got = 1 if self.semaphore else c
+                                change = -1 if self.semaphore else -c
                                 if armed:
                                     F.hit("read.commit")
-                                if _fast_drain(self.rfd) == _SCRATCH_LEN:
-                                    _drain(self.rfd)  # more than one byte: empty it all
+                                if _NOWAIT:
+                                    # One read empties the usual single byte, and never
+                                    # blocks even if a user made the read end blocking.
+                                    try:
+                                        n = _preadv(self.rfd, _BUFFERS, -1, _NOWAIT)
+                                    except BlockingIOError:
+                                        n = 0
+                                    if n == _SCRATCH_LEN:
+                                        _drain(self.rfd)  # more than that: empty it all
+                                else:
+                                    _drain(self.rfd)
                                 if armed:
                                     F.hit("read.drained")
                                 if w[W_WW]:
@@ -438,51 +404,56 @@ class Core(FastMutex):
                             if armed:
                                 F.hit("read.posted")
                                 F.hit("read.before_unlock")
-                            return got
+                            return -change
                         if until is not None and (until < 0 or _monotonic() >= until):
                             raise would_block() if until < 0 else timeout_error()
-                        self._register(w, READER)
-                        registered = True
+                        cls = READER if value < 0 else WRITER
+                        self._register(w, cls)
+                        waited = FAILED
                         # The only waiting reader of a normal-mode eventfd waits on the pipe
                         # itself: one poll, no signal masking, no post to consume.  Several
                         # waiters (and every semaphore-mode one) use the semaphore, which
                         # wakes only those that can proceed (SPEC §5.4, §7 P4).
-                        lone = not self.semaphore and w[W_WR] == 1
+                        lone = cls == READER and not self.semaphore and w[W_WR] == 1
                         if armed:
                             F.hit("wait.registered")
                     except BaseException:
+                        # An exception inside the section (a handler's, at any bytecode)
+                        # leaves it whole: repair what it left dirty before unlocking.
                         if w[W_DIRTY]:
                             self._repair(w)
                         raise
                     finally:
                         try:
-                            try:
-                                if tl is self.tlock:
-                                    self.unlock()
-                            finally:
+                            # Not in a child that a fork copied this frame into (S4): the
+                            # mutex and the slot word are the parent's.
+                            if tl is self.tlock:
                                 try:
-                                    if armed:
-                                        F.hit("mutex.posted")
+                                    self.unlock()
                                 finally:
-                                    w[self.lockword] = self.idle_word
+                                    try:
+                                        if armed:
+                                            F.hit("mutex.posted")
+                                    finally:
+                                        w[lw] = idle
                         finally:
                             tl.release()
                 finally:
                     held[0] -= 1
                     if _deferred and not _inside():
                         _drain_deferred()
-                kind = self._wait(READER, until, lone)
+                waited = self._wait(cls, until, lone)
         except BaseException:
-            if registered:
-                self._abandon(READER)
-            if got and tl is self.tlock:  # (not in a child a fork copied us into)
-                self._undo(got)  # the call raises: it must not have consumed anything
+            if waited:
+                self._abandon(READER if value < 0 else WRITER)
+            if change and tl is self.tlock:  # (not in a child a fork copied us into)
+                self._undo(-change)  # the call raises: it must not have changed anything
             raise
         finally:
-            if self.closing:
+            if self.closing and body is None:
                 self._idle()
-            if armed:
-                F.hit("read.unlocked")
+            if armed and body is None:
+                F.hit("read.unlocked" if value < 0 else "write.unlocked")
 
     def peek(self) -> int:
         """The committed counter: one aligned 8-byte load, no lock needed."""
@@ -576,28 +547,8 @@ class Core(FastMutex):
         self._locked(undo)
 
     def _locked(self, body: Callable[[memoryview], None]) -> None:
-        """Run ``body`` in a critical section (slow paths; the hot paths inline this)."""
-        _held[0] += 1
-        try:
-            w = self.words
-            tl = self.enter(None, MUTEX_GRACE)
-            try:
-                if w[W_DIRTY]:
-                    self._repair(w)
-                body(w)
-            finally:
-                try:
-                    try:
-                        if tl is self.tlock:
-                            self.unlock()
-                    finally:
-                        w[self.lockword] = self.idle_word
-                finally:
-                    tl.release()
-        finally:
-            _held[0] -= 1
-            if _deferred and not _inside():
-                _drain_deferred()
+        """Run ``body`` in a critical section, waiting for the mutex (the slow paths)."""
+        self.op(0, None, MUTEX_GRACE, body)
 
     # -- life cycle hooks -------------------------------------------------------------------
 
@@ -635,4 +586,4 @@ class Core(FastMutex):
             self.unlock = _nothing
 
 
-__all__ = ["DEFERRED_GRACE", "MUTEX_GRACE", "Core"]
+__all__ = ["DEFERRED_GRACE", "MUTEX_GRACE", "READ", "Core"]

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import NoReturn
 
 from . import _aio, _lifecycle, _lock, _reentry
-from ._core import DEFERRED_GRACE, Core
+from ._core import DEFERRED_GRACE, READ, Core
 from ._errors import closed_error, oserror
 from ._state import MAX_VALUE, W_NONBLOCK
 
@@ -117,7 +117,7 @@ class EventFD:
                 until = core.until(timeout)
         except ValueError:  # the mapping was released: another thread closed it just now
             raise closed_error() from None
-        return core.read(until)
+        return core.op(READ, until)
 
     def write(self, value: int = 1, timeout: float | None = None) -> None:
         """Add ``value`` to the counter.
@@ -160,7 +160,7 @@ class EventFD:
                 until = core.until(timeout)
         except ValueError:  # the mapping was released: another thread closed it just now
             raise closed_error() from None
-        core.write(value, until)
+        core.op(value, until)
 
     def _apply_deferred(self, value: int) -> None:
         # A deferred write has no caller left to wait for room, so it does not wait for it;
@@ -169,7 +169,7 @@ class EventFD:
         core = self._core
         if core is None:
             raise closed_error()
-        core.write(value, -1.0, DEFERRED_GRACE)
+        core.op(value, -1.0, DEFERRED_GRACE)
 
     async def aread(self) -> int:
         """``read()`` for asyncio: wait until readable without blocking the event loop.
@@ -191,7 +191,7 @@ class EventFD:
                 await _aio.wait_readable(core.rfd)
                 core = self._live()
             try:
-                return core.read(-1.0, grace=0.0)
+                return core.op(READ, -1.0, grace=0.0)
             except _lock.MutexBusy:
                 # Another process holds the mutex (live holders keep it for microseconds):
                 # retry without blocking the loop (design-review M1).
@@ -219,7 +219,7 @@ class EventFD:
         delay = 0.0005
         while True:
             try:
-                self._live().write(value, -1.0, grace=0.0)
+                self._live().op(value, -1.0, grace=0.0)
                 return
             except BlockingIOError:
                 await asyncio.sleep(delay)

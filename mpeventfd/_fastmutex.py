@@ -73,7 +73,7 @@ class FastMutex(Waiters):
     """Base of :class:`~mpeventfd._core.Core`: the slow path of the fast mutex."""
 
     __slots__ = (
-        "first_fail", "fix_slot", "last_aside", "lockword", "released", "sem_m", "seq",
+        "first_fail", "fix_slot", "last_aside", "lockword", "released", "sem_m", "seq8",
         "taken", "tlock",
     )
     first_fail: float
@@ -82,7 +82,9 @@ class FastMutex(Waiters):
     lockword: int
     released: bool
     sem_m: posix_ipc.Semaphore
-    seq: int
+    # The seq of this process's last store to its slot word, shifted into place (``seq << 8``,
+    # the low byte is the phase): the hot path computes its words with one addition.
+    seq8: int
     taken: bool
     tlock: threading.RLock
 
@@ -124,7 +126,7 @@ class FastMutex(Waiters):
                 w[slot_word(i, S_PID)] = os.getpid()
                 if i >= w[W_HWM]:
                     w[W_HWM] = i + 1
-                self.slot, self.lockword, self.seq = i, lw, seq
+                self.slot, self.lockword, self.seq8 = i, lw, seq << 8
                 # Under the mutex, at the first section: drop what a dead previous owner
                 # left registered, and write our pid again in case a holder that judged
                 # the slot dead zeroed it just after our claim.
@@ -189,15 +191,13 @@ class FastMutex(Waiters):
                     break
         except _wake.HeldAfter as held:
             self.sem_m.release()  # we hold a token we will not use: give it back
-            w[lw] = (seq + 1) << 8  # IDLE, after the post (invariant I2)
-            self.seq = seq + 1
+            w[lw] = self.seq8 = (seq + 1) << 8  # IDLE, after the post (invariant I2)
             raise held.original from None
         except BaseException:
             if self.taken:  # a proof took the token, then something raised
                 self.taken = False
                 self.sem_m.release()
-            w[lw] = (seq + 1) << 8
-            self.seq = seq + 1
+            w[lw] = self.seq8 = (seq + 1) << 8
             raise
         self.taken = False
         self.first_fail = 0.0
@@ -226,7 +226,7 @@ class FastMutex(Waiters):
         """Promise a prover that we make no semaphore operation until its request resolves."""
         seq += 1
         w[lw] = (seq << 8) | ASIDE
-        self.seq = seq
+        self.seq8 = seq << 8
         self.last_aside = req
         end = time.monotonic() + ASIDE_PERIOD
         if limit is not None:
@@ -239,7 +239,7 @@ class FastMutex(Waiters):
         finally:
             seq += 1
             w[lw] = (seq << 8) | ENTERING
-            self.seq = seq
+            self.seq8 = seq << 8
         return seq
 
     # -- recovery ---------------------------------------------------------------------------
