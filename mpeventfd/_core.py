@@ -83,8 +83,11 @@ _UNLOCK = _lock.UNLOCK
 _BusyError = posix_ipc.BusyError
 _signal_ready = _notifier.signal_ready
 _drain = _notifier.drain
-_os_read = os.read
-_READ_SIZE = 64  # the pipe holds one byte; a full read means more (then drain them all)
+_SCRATCH_LEN = _notifier.SCRATCH_LEN
+_BUFFERS = _notifier.BUFFERS
+_NOWAIT = _notifier.NOWAIT
+if _NOWAIT:
+    _preadv = os.preadv
 _os_write = os.write
 _BYTE = b"\x01"
 _held = _reentry.held
@@ -104,7 +107,7 @@ class Core(FastMutex):
     """The per-process attachment of one eventfd.  Built by ``_lifecycle`` only."""
 
     __slots__ = (
-        "closing", "drain_fd", "fast", "ident", "lock_ident", "lock_path", "map", "name", "on_idle",
+        "closing", "fast", "ident", "lock_ident", "lock_path", "map", "name", "on_idle",
         "refs", "spin", "state_fd", "trywait", "unlock",
     )
 
@@ -127,9 +130,6 @@ class Core(FastMutex):
         self.semaphore = bool(mapping.words[W_FLAGS] & 1)
         self.spin = bool(SPIN_READ) and not self.semaphore  # see _spin_for_counter
         self.private = -1
-        # Our own non-blocking description of the pipe's read end (_notifier.open_reader),
-        # for the drain of a read; -1: drain through the shared read end.  Set by _lifecycle.
-        self.drain_fd = -1
         self.tlock = threading.RLock()
         self.slot = -1
         self.refs = self.waiters = 0
@@ -386,15 +386,15 @@ class Core(FastMutex):
                                 change = -1 if self.semaphore else -c
                                 if armed:
                                     F.hit("read.commit")
-                                fd = self.drain_fd
-                                if fd >= 0:
-                                    # Our own non-blocking description: a plain read empties
-                                    # the usual single byte and can never block.
+                                if _NOWAIT:
+                                    # One read empties the usual single byte, and never
+                                    # blocks even if a user made the read end blocking.
                                     try:
-                                        if len(_os_read(fd, _READ_SIZE)) == _READ_SIZE:
-                                            _drain(fd)  # more than that: empty it all
+                                        n = _preadv(self.rfd, _BUFFERS, -1, _NOWAIT)
                                     except BlockingIOError:
-                                        pass
+                                        n = 0
+                                    if n == _SCRATCH_LEN:
+                                        _drain(self.rfd)  # more than that: empty it all
                                 else:
                                     _drain(self.rfd)
                                 if armed:
@@ -573,7 +573,6 @@ class Core(FastMutex):
             except OSError:
                 pass
             self.private = -1
-        # drain_fd stays: the child may share that description (nobody changes its flags).
         self.tlock = threading.RLock()
         if not self.released:
             self.map.renew()

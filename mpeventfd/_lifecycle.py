@@ -89,7 +89,7 @@ def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
     ident = _names.new_id()
     name = _names.encode(ident)
     path = _names.state_path(name)
-    fd = r = w = pd = dfd = -1
+    fd = r = w = pd = -1
     mapping: Mapping | None = None
     sems: list[posix_ipc.Semaphore] = []
     made: list[str] = []  # names created so far, for the teardown
@@ -138,16 +138,14 @@ def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
         # The private descriptor opens now, while every name exists: a handle keeps working
         # if something outside removes the names later (only a fork child reopens it).
         pd = _lock.open_private(fd, _names.lock_path(name), lock_ident)
-        dfd = _notifier.open_reader(r)
         core = Core(name, (fd, r, w), mapping, _three(sems), _names.lock_path(name), lock_ident)
         core.adopt_private(pd)
-        core.drain_fd = dfd
     except BaseException:
         for sem in sems:
             sem.close()
         if mapping is not None:
             mapping.close()
-        for x in (fd, r, w, pd, dfd):
+        for x in (fd, r, w, pd):
             if x >= 0:
                 os.close(x)
         for made_name in reversed(made):
@@ -301,7 +299,7 @@ def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
         return existing
     mapping = Mapping(state_fd)
     sems: list[posix_ipc.Semaphore] = []
-    pd = dfd = -1
+    pd = -1
     try:
         validate(mapping, st.st_size)
         if F.ARMED:
@@ -321,18 +319,15 @@ def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
         if not PLATFORM.ofd_locks and lock_ident == (0, 0):
             raise StateError("this eventfd was created without a lock file; mixed backends")
         pd = _lock.open_private(state_fd, _names.lock_path(name), lock_ident)
-        dfd = _notifier.open_reader(rfd)
         core = Core(name, (state_fd, rfd, wfd), mapping, _three(sems),
                     _names.lock_path(name), lock_ident)
         core.adopt_private(pd)
-        core.drain_fd = dfd
     except BaseException:
         for sem in sems:
             sem.close()
         mapping.close()
-        for x in (pd, dfd):
-            if x >= 0:
-                os.close(x)
+        if pd >= 0:
+            os.close(pd)
         raise
     _register_locked(core)
     return core
@@ -492,7 +487,7 @@ def _finish(core: Core, blocking: bool = True) -> None:
             return  # the last waiter out calls _on_idle; or an attach revived it
         core.released = True
         if core.fast:
-            core.lockword = -1  # the next _enter_fast goes to _claim_fast, which sees released
+            core.lockword = -1  # the next section entry goes to _claim_fast, which sees released
         _reentry.cores.pop(id(core), None)
         _close_resources(core)
     finally:
@@ -513,7 +508,7 @@ def _close_resources(core: Core) -> None:
     if core.fast:
         core.sem_m.close()
     core.map.close()
-    for attr in ("private", "drain_fd", "state_fd", "rfd", "wfd"):
+    for attr in ("private", "state_fd", "rfd", "wfd"):
         fd = getattr(core, attr)
         setattr(core, attr, -1)
         if fd >= 0:

@@ -6,7 +6,6 @@ import errno
 import functools
 import os
 import resource
-import select
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import pytest
 from conftest import mpefd_entries, open_fds
 from helpers import fork_child, reap
 from mpeventfd import EventFD
-from mpeventfd._probe import PLATFORM
 
 
 def _construct_with_free_fds(free: int) -> int:
@@ -47,40 +45,21 @@ def _construct_with_free_fds(free: int) -> int:
     os.close(spare)
     for fd in filler:
         os.close(fd)
-    assert efd._core is not None
-    own_reader = efd._core.drain_fd >= 0
-    # Whether the drain has its own description of the pipe or falls back to the shared
-    # read end, reads drain it: readiness follows the counter, also with a blocking read end.
-    ok = efd.read(timeout=1) == 1 and not _readable(efd)
-    os.set_blocking(efd.fileno(), True)
-    efd.write(2)
-    ok = ok and _readable(efd) and efd.read(timeout=1) == 2 and not _readable(efd)
+    ok = efd.read(timeout=1) == 1
     efd.close()
-    if not ok:
-        return 4
-    return 11 if own_reader else 12
-
-
-def _readable(efd: EventFD) -> bool:
-    return bool(select.select([efd], [], [], 0)[0])
+    return 11 if ok else 4
 
 
 def test_emfile_at_every_step_of_construction() -> None:
     outcomes = []
-    done = 11 if PLATFORM.proc_fd else 12  # (12: works, drains through the shared read end)
     for free in range(10):
         outcomes.append(reap(fork_child(functools.partial(_construct_with_free_fds, free))))
-        if outcomes[-1] == done:
+        if outcomes[-1] == 11:
             break
     # Every short supply failed cleanly with EMFILE, and enough fds succeeded.
-    assert outcomes[-1] == done, outcomes
-    failed = [o for o in outcomes if o not in (11, 12)]
-    assert set(failed) == {10}, outcomes
-    assert len(failed) >= 3  # construction needs several fds at once: each was exercised
-    if PLATFORM.proc_fd:
-        # The read drain's own description is the last fd opened and optional: one fd short
-        # of it, construction still succeeds and drains through the shared read end.
-        assert outcomes[-2:] == [12, 11], outcomes
+    assert outcomes[-1] == 11, outcomes
+    assert set(outcomes[:-1]) == {10}, outcomes
+    assert len(outcomes) >= 3  # construction needs several fds at once: each was exercised
 
 
 FILL_AND_CREATE = textwrap.dedent(

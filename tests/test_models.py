@@ -7,7 +7,7 @@ SIGKILL point of the fast mutex's recoverable protocol (§5', ``mpeventfd/_fastm
 of the broken variants, so a silently weakened model cannot pass.
 
 How the code maps onto the lock model: ENTERING before every semaphore operation
-(``_enter_fast``, ``_spin``, ``take_step``), IDLE after the release post, ASIDE while
+(``Core.op``, ``_spin``, ``take_step``), IDLE after the release post, ASIDE while
 standing aside (``_stand_aside``), claims that lock the liveness byte and then re-read the
 word (``_claim_fast``), and the prover's C1 -> failed trywait -> C2 proof (``_prove``).
 The code adds nothing the model forbids: its spin is more trywaits while ENTERING, and the
