@@ -83,11 +83,9 @@ _UNLOCK = _lock.UNLOCK
 _BusyError = posix_ipc.BusyError
 _signal_ready = _notifier.signal_ready
 _drain = _notifier.drain
-_SCRATCH_LEN = _notifier.SCRATCH_LEN
-_BUFFERS = _notifier.BUFFERS
-_NOWAIT = _notifier.NOWAIT
-if _NOWAIT:
-    _preadv = os.preadv
+_PIPE_PRIVATE = _lock.PIPE_PRIVATE
+_os_read = os.read
+_READ_SIZE = 64  # the pipe holds one byte; a full read means more (then drain them all)
 _os_write = os.write
 _BYTE = b"\x01"
 _held = _reentry.held
@@ -211,7 +209,7 @@ class Core(FastMutex):
 
     def _open_private(self) -> int:
         return self.adopt_private(
-            _lock.open_private(self.state_fd, self.lock_path, self.lock_ident)
+            _lock.open_private(self.rfd, self.lock_path, self.lock_ident)
         )
 
     def adopt_private(self, pd: int) -> int:
@@ -386,15 +384,15 @@ class Core(FastMutex):
                                 change = -1 if self.semaphore else -c
                                 if armed:
                                     F.hit("read.commit")
-                                if _NOWAIT:
-                                    # One read empties the usual single byte, and never
-                                    # blocks even if a user made the read end blocking.
+                                if _PIPE_PRIVATE:
+                                    # The private descriptor is our own non-blocking
+                                    # description of the pipe (_lock): a plain read empties
+                                    # the usual single byte and can never block.
                                     try:
-                                        n = _preadv(self.rfd, _BUFFERS, -1, _NOWAIT)
+                                        if len(_os_read(self.private, _READ_SIZE)) == _READ_SIZE:
+                                            _drain(self.private)  # more: empty it all
                                     except BlockingIOError:
-                                        n = 0
-                                    if n == _SCRATCH_LEN:
-                                        _drain(self.rfd)  # more than that: empty it all
+                                        pass
                                 else:
                                     _drain(self.rfd)
                                 if armed:

@@ -5,9 +5,14 @@ Facts this module relies on (SPEC §5.1, reliability.md §1.6, design-review §7
 * The kernel releases a byte-range lock when its holder dies, also before a zombie is
   reaped, so a dead holder never blocks anyone and needs no pid logic.
 * On Linux the locks are OFD locks (``F_OFD_SETLK``, fcntl(2)) on a *private* open file
-  description of the state file, one per (process, eventfd), opened through
-  ``/proc/self/fd`` so it is the same inode as the state fd (design-review L5).  OFD locks do
-  not interact with the presence ``flock`` on the same file.
+  description of the notifier pipe, one per (process, eventfd), opened through
+  ``/proc/self/fd`` from the pipe's read end, so every process locks the same inode
+  (design-review L5).  A pipe takes byte-range locks like a file (the ranges are only
+  names), and a FIFO may be opened read-write on Linux (fifo(7)); ``F_WRLCK`` needs a
+  description open for writing.  The same description, non-blocking and never shown to
+  users, drains the pipe with a plain ``read(2)`` that cannot block whatever users do to
+  the shared read end (design-review M3), so the one private fd SPEC §7 P8 allows serves
+  both.  (Layout version 2: version 1 locked a description of the state file.)
 * Elsewhere classic ``fcntl`` locks on a lock file.  They belong to the process, so the
   process must keep exactly one descriptor of that file and never close another one
   (lock-protocol S4); the per-process registry guarantees that.
@@ -43,10 +48,18 @@ class MutexBusy(BlockingIOError):
     """A non-blocking call found the mutex held; asyncio callers retry later."""
 
 
-def open_private(state_fd: int, lock_path: str, lock_ident: tuple[int, int]) -> int:
-    """Open this process's private descriptor for the mutex and liveness bytes."""
-    if PLATFORM.ofd_locks and PLATFORM.proc_fd:
-        return os.open(f"/proc/self/fd/{state_fd}", os.O_RDWR | os.O_CLOEXEC)
+PIPE_PRIVATE = PLATFORM.ofd_locks and PLATFORM.proc_fd  # the private fd is the pipe's
+
+
+def open_private(rfd: int, lock_path: str, lock_ident: tuple[int, int]) -> int:
+    """Open this process's private descriptor for the mutex and liveness bytes.
+
+    With ``PIPE_PRIVATE`` it is a non-blocking description of the notifier pipe whose read
+    end is ``rfd`` (see the module docstring); otherwise the lock file, checked against
+    ``lock_ident``.
+    """
+    if PIPE_PRIVATE:
+        return os.open(f"/proc/self/fd/{rfd}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != lock_ident:

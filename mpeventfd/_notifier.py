@@ -21,9 +21,6 @@ from ._probe import PLATFORM
 _BYTE = b"\x01"
 SCRATCH_LEN = 4096
 _SCRATCH = bytearray(SCRATCH_LEN)
-BUFFERS = [_SCRATCH]  # for os.preadv: the critical section drains inline (one call less)
-# RWF_NOWAIT (Linux >= 4.14) makes one read non-blocking whatever O_NONBLOCK says; 0: none.
-NOWAIT: int = os.RWF_NOWAIT if PLATFORM.rwf_nowait else 0
 
 
 def create() -> tuple[int, int]:

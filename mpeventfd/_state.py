@@ -41,7 +41,7 @@ import sys
 from ._errors import StateError
 
 MAGIC = 0x3156_4446_4550_4D00  # b"\0MPEFDV1" read as a little-endian word
-VERSION = 1
+VERSION = 2  # 2: the kernel byte locks live on the notifier pipe (_lock)
 MAX_VALUE = 2**64 - 2
 
 W_MAGIC, W_VERSION, W_SIZE, W_ID = 0, 1, 2, 3
