@@ -144,7 +144,7 @@ class EventFD:
         core = self._core
         if core is None:
             raise closed_error()
-        if value.__class__ is not int:
+        if type(value) is not int:  # (bool and int subclasses: _as_value)
             value = _as_value(value)
         if not 0 <= value <= MAX_VALUE:
             _bad_value(value)
@@ -212,7 +212,7 @@ class EventFD:
         Raises:
             as :meth:`write`.
         """
-        if value.__class__ is not int:
+        if type(value) is not int:  # (bool and int subclasses: _as_value)
             value = _as_value(value)
         if not 0 <= value <= MAX_VALUE:
             _bad_value(value)

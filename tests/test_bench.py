@@ -1,0 +1,64 @@
+"""``python -m mpeventfd bench`` runs and reports what it claims to (never a timed test).
+
+CI runs the quick benchmark for information only, so a bug in it would go unnoticed: this
+runs a few workloads with their quick sizes and checks the report's structure and its
+arithmetic, not any ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpeventfd._bench import BEST, MEDIAN, SIZES, Result
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ratio_of_best_is_best_over_best() -> None:
+    res = Result("X", "t", "µs", "", samples={"mpeventfd": [3.0, 2.0, 9.0],
+                                               "os.eventfd": [1.0, 0.5, 0.9]}, stat=BEST)
+    assert res.values == {"mpeventfd": 2.0, "os.eventfd": 0.5}
+    assert res.ratio_of("mpeventfd", "os.eventfd") == 4.0
+
+
+def test_ratio_of_medians_pairs_the_repetitions() -> None:
+    # Each repetition of mpeventfd ran right beside the matching one of the baseline: a slow
+    # phase of the machine (the third pair) slows both, and the pairing cancels it.
+    res = Result("X", "t", "µs", "", samples={"mpeventfd": [2.0, 2.2, 8.0],
+                                               "os.eventfd": [1.0, 1.0, 4.1]})
+    assert res.stat == MEDIAN
+    assert res.values["mpeventfd"] == 2.2
+    assert res.ratio_of("mpeventfd", "os.eventfd") == statistics.median([2.0, 2.2, 8.0 / 4.1])
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the baselines need os.eventfd")
+def test_quick_bench_reports_every_chosen_workload(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "mpeventfd", "bench", "--quick", "--only", "P2,P7,P8,C",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    results = {r["id"]: r for r in report["results"]}
+    assert list(results) == ["P2", "P7", "P8", "C"]
+    p2 = results["P2"]
+    reps = SIZES["P2"][1][0]
+    assert set(p2["samples"]) == {"mpeventfd", "os.eventfd", "os.pipe"}
+    assert all(len(s) == reps for s in p2["samples"].values())
+    assert p2["stat"] == BEST
+    assert p2["values"]["mpeventfd"] == min(p2["samples"]["mpeventfd"])
+    assert p2["ratio"] == pytest.approx(p2["values"]["mpeventfd"] / p2["values"]["os.eventfd"])
+    assert p2["verdict"] in ("PASS", "MISS")
+    assert results["C"]["verdict"] == "INFO"
+    assert results["P8"]["values"]["fds that travel"] == 3
+    for wid in ("P2", "P7", "C"):
+        assert f"  {wid}: " in done.stdout
