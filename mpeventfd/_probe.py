@@ -33,8 +33,9 @@ class Platform:
     Attributes:
         portable: True when the macOS/BSD code paths are in force (natively or forced).
         ofd_locks: open-file-description locks exist; the mutex and the slot liveness
-            bytes then live on a private description of the state file (Linux).  Without
-            them a lock file carries classic per-process ``fcntl`` byte locks.
+            bytes then live on a private description of the notifier pipe (Linux, with
+            ``proc_fd``).  Without them a lock file carries classic per-process ``fcntl``
+            byte locks.
         setlk, setlkw, getlk: the ``fcntl`` commands for that kind of lock.
         flock_fmt: ``struct`` format of ``struct flock`` on this OS.
         sem_timedwait: ``posix_ipc`` can wait with a timeout (macOS cannot).
