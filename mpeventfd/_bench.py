@@ -228,10 +228,10 @@ WORKLOADS: dict[str, Callable[[int, int], Result]] = {
 # (repetitions, work per repetition) for a full run and for --quick.  The single-process
 # workloads take many short repetitions (see the module docstring).
 SIZES: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
-    "P1": ((41, 30_000), (9, 10_000)), "P2": ((41, 15_000), (9, 5_000)),
+    "P1": ((41, 30_000), (15, 8_000)), "P2": ((41, 15_000), (15, 4_000)),
     "P3": ((7, 3_000), (3, 500)), "P4": ((7, 2_000), (3, 300)), "P5": ((7, 20_000), (3, 3_000)),
-    "P6": ((7, 1_000), (3, 200)), "P7": ((41, 8_000), (9, 2_000)), "P8": ((1, 1), (1, 1)),
-    "C": ((41, 15_000), (9, 5_000)),
+    "P6": ((7, 1_000), (3, 200)), "P7": ((41, 8_000), (15, 2_000)), "P8": ((1, 1), (1, 1)),
+    "C": ((41, 15_000), (15, 4_000)),
 }
 
 
