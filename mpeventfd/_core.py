@@ -50,6 +50,8 @@ from ._state import (
     W_DIRTY,
     W_FLAGS,
     W_NONBLOCK,
+    W_PIPE_DEV,
+    W_PIPE_INO,
     W_SCRATCH,
     W_WR,
     W_WW,
@@ -209,7 +211,8 @@ class Core(FastMutex):
 
     def _open_private(self) -> int:
         return self.adopt_private(
-            _lock.open_private(self.rfd, self.lock_path, self.lock_ident)
+            _lock.open_private(self.rfd, self.lock_path, self.lock_ident,
+                               (self.words[W_PIPE_DEV], self.words[W_PIPE_INO]))
         )
 
     def adopt_private(self, pd: int) -> int:
@@ -244,12 +247,13 @@ class Core(FastMutex):
                 if not self.words[W_COUNTER]:
                     self._spin_for_counter(until)
             except ValueError:
-                pass  # the mapping went away: closed under us, and the section says EBADF
+                if not self.released:
+                    raise  # a handler's, not a mapping released under us
+                # closed under us by another thread: the section says EBADF
         try:
             while True:
                 held[0] += 1
                 try:
-                    w = self.words
                     tl = self.tlock
                     if self.fast:
                         # The thread lock, then the mutex semaphore (lock-protocol §4); holding
@@ -264,6 +268,9 @@ class Core(FastMutex):
                             lw = self.lockword
                             if lw < 0:
                                 lw = self._claim_fast(until, grace)  # EBADF once released
+                            # Only now: a fork from a handler above gave the child a new
+                            # view (the old one raises) and a new thread lock (checked below).
+                            w = self.words
                             # ENTERING at the next seq, before any semaphore operation (I1);
                             # ``entering + 255`` is IDLE at the seq after it.
                             entering = self.seq8 + 257
@@ -309,6 +316,7 @@ class Core(FastMutex):
                         self.seq8 = idle = entering + 255  # stored after the release post
                     else:
                         tl = self._enter_kernel(until, grace)
+                        w = self.words
                         lw, idle = self.lockword, 0
                     try:
                         if self.fix_slot:

@@ -137,7 +137,8 @@ def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
             mapping.words[W_LOCK_DEV], mapping.words[W_LOCK_INO] = lock_ident
         # The private descriptor opens now, while every name exists: a handle keeps working
         # if something outside removes the names later (only a fork child reopens it).
-        pd = _lock.open_private(r, _names.lock_path(name), lock_ident)
+        pd = _lock.open_private(r, _names.lock_path(name), lock_ident,
+                                (pipe.st_dev, pipe.st_ino))
         core = Core(name, (fd, r, w), mapping, _three(sems), _names.lock_path(name), lock_ident)
         core.adopt_private(pd)
     except BaseException:
@@ -318,7 +319,8 @@ def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
         lock_ident = (int(words[W_LOCK_DEV]), int(words[W_LOCK_INO]))
         if not PLATFORM.ofd_locks and lock_ident == (0, 0):
             raise StateError("this eventfd was created without a lock file; mixed backends")
-        pd = _lock.open_private(rfd, _names.lock_path(name), lock_ident)
+        pd = _lock.open_private(rfd, _names.lock_path(name), lock_ident,
+                                (words[W_PIPE_DEV], words[W_PIPE_INO]))
         core = Core(name, (state_fd, rfd, wfd), mapping, _three(sems),
                     _names.lock_path(name), lock_ident)
         core.adopt_private(pd)

@@ -51,15 +51,27 @@ class MutexBusy(BlockingIOError):
 PIPE_PRIVATE = PLATFORM.ofd_locks and PLATFORM.proc_fd  # the private fd is the pipe's
 
 
-def open_private(rfd: int, lock_path: str, lock_ident: tuple[int, int]) -> int:
+def open_private(rfd: int, lock_path: str, lock_ident: tuple[int, int],
+                 pipe_ident: tuple[int, int]) -> int:
     """Open this process's private descriptor for the mutex and liveness bytes.
 
     With ``PIPE_PRIVATE`` it is a non-blocking description of the notifier pipe whose read
-    end is ``rfd`` (see the module docstring); otherwise the lock file, checked against
+    end is ``rfd`` (see the module docstring), checked against ``pipe_ident``: ``rfd`` is
+    also ``fileno()``, and a user who closed it (or put another file there) must not make
+    this process lock some other inode.  Otherwise the lock file, checked against
     ``lock_ident``.
     """
     if PIPE_PRIVATE:
-        return os.open(f"/proc/self/fd/{rfd}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(f"/proc/self/fd/{rfd}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if (st.st_dev, st.st_ino) != pipe_ident:
+            os.close(fd)
+            raise OSError(errno.EBADF, "the eventfd's fileno() was closed or replaced")
+        return fd
     fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != lock_ident:

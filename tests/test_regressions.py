@@ -300,3 +300,52 @@ def test_f13_an_infinite_timeout_waits_for_ever() -> None:
         assert efd.read(timeout=float("inf")) == 2
         threading.Timer(0.1, efd.write, (1,)).start()
         assert efd.read(timeout=1e300) == 1
+
+
+# -- a second review, of the inlined critical section and the pipe as the lock carrier ----
+
+
+def test_f14_a_replaced_fileno_never_becomes_a_childs_lock_carrier() -> None:
+    """A fork child opens its private descriptor from fileno(): it checks the pipe's
+    identity first, so a user's file at that number is refused instead of locked."""
+    efd = EventFD(0)
+    rfd = efd.fileno()
+    os.close(rfd)
+    impostor = os.open(os.devnull, os.O_RDONLY)
+    assert impostor == rfd  # the lowest free number: the user's file now sits there
+
+    def child() -> int:
+        try:
+            efd.write(1)
+        except OSError as e:
+            return 0 if e.errno == errno.EBADF else 2
+        return 1
+
+    try:
+        assert reap(fork_child(child)) == 0
+        efd.write(1)  # the parent's private descriptor is the real pipe: it still works
+        assert efd.read(timeout=1) == 1
+    finally:
+        os.close(impostor)
+        os.dup2(core_of(efd).wfd, rfd)  # any fd at the number, for close() to close
+        efd.close()
+
+
+def test_f15_a_handlers_valueerror_during_the_read_spin_propagates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mpeventfd import _core
+
+    if not _core.SPIN_READ:
+        pytest.skip("no spin on one CPU")
+
+    def handler_raises() -> None:
+        raise ValueError("from a signal handler")
+
+    with EventFD(0) as efd:
+        monkeypatch.setattr(_core, "_yield", handler_raises)  # where handlers run
+        with pytest.raises(ValueError, match="signal handler"):
+            efd.read(timeout=1)
+        monkeypatch.undo()
+        efd.write(3)
+        assert efd.read(timeout=1) == 3
