@@ -85,6 +85,7 @@ _UNLOCK = _lock.UNLOCK
 _BusyError = posix_ipc.BusyError
 _signal_ready = _notifier.signal_ready
 _drain = _notifier.drain
+_drain_own = _notifier.drain_own
 _PIPE_PRIVATE = _lock.PIPE_PRIVATE
 _os_read = os.read
 _READ_SIZE = 64  # the pipe holds one byte; a full read means more (then drain them all)
@@ -398,7 +399,7 @@ class Core(FastMutex):
                                     # the usual single byte and can never block.
                                     try:
                                         if len(_os_read(self.private, _READ_SIZE)) == _READ_SIZE:
-                                            _drain(self.private)  # more: empty it all
+                                            _drain_own(self.private)  # more: all
                                     except BlockingIOError:
                                         pass
                                 else:
@@ -546,7 +547,7 @@ class Core(FastMutex):
                 _signal_ready(self.wfd)  # 0 -> n: the byte first
             w[W_COUNTER] = new
             if not new:
-                _drain(self.rfd)  # n -> 0: the byte after
+                self._drain_pipe()  # n -> 0: the byte after
             self._restore(w)
             if delta < 0:
                 self._restore_writers(w)

@@ -65,6 +65,20 @@ def drain(r: int) -> None:
             return
 
 
+def drain_own(fd: int) -> None:
+    """Empty the pipe through a description of our own that no user can make blocking.
+
+    Plain reads until one comes back short: ``RWF_NOWAIT`` is refused (``EOPNOTSUPP``) on a
+    pipe opened through ``/proc/self/fd``, and is not needed there.
+    """
+    while True:
+        try:
+            if len(os.read(fd, SCRATCH_LEN)) < SCRATCH_LEN:
+                return
+        except BlockingIOError:
+            return
+
+
 def pending(r: int) -> int:
     """Return how many bytes the pipe holds (``FIONREAD``)."""
     buf = array.array("i", [0])

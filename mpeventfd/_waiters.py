@@ -69,6 +69,16 @@ class Waiters:
     wfd: int
     words: memoryview
 
+    def _drain_pipe(self) -> None:
+        """Empty the pipe, under the mutex: through the private descriptor where it is our
+        own non-blocking description of the pipe (``_lock.PIPE_PRIVATE``), which no user
+        can make blocking; else through the shared read end (``_notifier.drain`` never
+        blocks on it either)."""
+        if _lock.PIPE_PRIVATE:
+            _notifier.drain_own(self.private)
+        else:
+            _notifier.drain(self.rfd)
+
     def _register(self, w: memoryview, cls: int) -> None:
         """Register the calling thread as a waiter of class ``cls``."""
         if self.abandoned:
@@ -236,7 +246,7 @@ class Waiters:
         if w[W_COUNTER] and not queued:
             _notifier.signal_ready(self.wfd)
         elif not w[W_COUNTER] and queued:
-            _notifier.drain(self.rfd)
+            self._drain_pipe()
         if F.ARMED:
             F.hit("repair.pipe")
         self._restore(w)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import socket
 import textwrap
@@ -350,3 +351,19 @@ def test_f15_a_handlers_valueerror_during_the_read_spin_propagates(
         monkeypatch.undo()
         efd.write(3)
         assert efd.read(timeout=1) == 3
+
+
+@pytest.mark.parametrize("extra", [63, 64, 5000])
+def test_f16_a_read_drains_a_pipe_holding_more_than_one_byte(extra: int) -> None:
+    """Bytes beyond the usual one (left by a dead process, or written by someone holding
+    the write end) are all drained by the n -> 0 read, through the private description
+    (where preadv's RWF_NOWAIT is refused with EOPNOTSUPP)."""
+    with EventFD(0) as efd:
+        os.write(core_of(efd).wfd, b"\x01" * extra)
+        efd.write(2)
+        assert efd.read(timeout=1) == 2
+        assert not select.select([efd], [], [], 0)[0]
+        efd.write(1)  # and readiness still follows the counter afterwards
+        assert select.select([efd], [], [], 0)[0]
+        assert efd.read(timeout=1) == 1
+        assert not select.select([efd], [], [], 0)[0]
