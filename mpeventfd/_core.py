@@ -65,10 +65,13 @@ from ._waiters import CONSUMED, EXPIRED, FAILED, POLLED, READER, WRITER
 STEP = 0.25
 STEP_MAIN = 0.1
 STEP_WRITER = 0.05
-# How long a non-blocking call (timeout=0, or EFD_NONBLOCK) waits for a mutex that another
-# process holds.  Live holders keep it for microseconds, so this only bounds the stall a
-# stopped or descheduled holder causes; a call that gives up raises BlockingIOError.
-MUTEX_GRACE = 0.01
+# How long a non-blocking call (timeout=0, or EFD_NONBLOCK) waits for the lock while another
+# thread or process holds it.  Linux never fails a non-blocking call that could proceed, and
+# a live holder keeps the lock for microseconds, but on a loaded machine a descheduled one
+# (a preempted thread, a process waiting for its GIL) can keep it for tens of milliseconds.
+# Only a stopped holder (SIGSTOP, a debugger) keeps it for a second; then the call raises
+# BlockingIOError rather than hang.
+MUTEX_GRACE = 1.0
 DEFERRED_GRACE = 1.0  # the same, for a write deferred from a handler (it has no caller)
 # How long a blocking normal-mode read watches the counter before it sleeps; never on a
 # single CPU, where watching would only keep the writer from running.

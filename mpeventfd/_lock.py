@@ -174,5 +174,7 @@ def slot_alive(fd: int, slot: int) -> bool:
 def busy_error(nonblocking: bool) -> OSError:
     """Map a :class:`Busy` mutex to what the caller's timeout promises."""
     if nonblocking:
-        return MutexBusy(errno.EAGAIN, "the eventfd's mutex is held by another process")
+        return MutexBusy(
+            errno.EAGAIN, "the eventfd's lock stayed held by another thread or process (a "
+            "stopped holder?) for longer than a non-blocking call waits for it")
     return timeout_error()

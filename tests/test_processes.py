@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
-from helpers import FORK, finish, fork_child, reap, reaped, start
+import pytest
+
+from helpers import FORK, finish, fork_child, forks_beside_threads, reap, reaped, start
 from mpeventfd import EFD_NONBLOCK, EFD_SEMAPHORE, EventFD, _faults
 
 WRITES_PER_THREAD = 2000
@@ -106,6 +110,7 @@ def test_r41_nonblocking_mode_set_in_child_is_seen_by_parent() -> None:
         assert efd.flags & EFD_NONBLOCK
 
 
+@forks_beside_threads
 def test_fork_while_another_thread_is_inside_an_operation() -> None:
     """A thread holds the mutex (paused inside write()); fork; the child must still work."""
     with EventFD(0) as efd:
@@ -138,6 +143,7 @@ def test_fork_while_another_thread_is_inside_an_operation() -> None:
         assert efd.read(timeout=5) == 6
 
 
+@forks_beside_threads
 def test_fork_storm_while_threads_operate() -> None:
     """Forks at random points of other threads' operations: every child works."""
     with EventFD(0) as efd:
@@ -180,3 +186,66 @@ def test_multiprocessing_fork_children_exact_sum() -> None:
             for p in procs:
                 assert finish(p) == 0
         assert efd.read() == 2000
+
+
+NONBLOCKING_OPS = 3000
+
+
+def _nonblocking_worker(efd: EventFD, op: str, out: int) -> None:
+    """4 threads doing non-blocking ``op`` calls; report how many raised BlockingIOError."""
+    failures = [0]
+    lock = threading.Lock()
+
+    def run() -> None:
+        n = 0
+        for _ in range(NONBLOCKING_OPS):
+            try:
+                if op == "write":
+                    efd.write(1, timeout=0)
+                else:
+                    efd.read(timeout=0)
+            except BlockingIOError:
+                n += 1
+        with lock:
+            failures[0] += n
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    os.write(out, f"{failures[0]}\n".encode())
+
+
+def _busy_cpu() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+@pytest.mark.parametrize("op", ["write", "read"])
+def test_nonblocking_calls_never_fail_while_the_lock_is_merely_busy(op: str) -> None:
+    """Non-blocking calls from 4 threads in each of 2 processes, beside a busy CPU.
+
+    The counter always has room (writes) or plenty to read (semaphore-mode reads), so
+    Linux would never raise; neither may we, however long a live holder is descheduled.
+    (It once gave up after 10 ms on a lock a preempted thread held.)
+    """
+    total = 2 * 4 * NONBLOCKING_OPS
+    initval = 0 if op == "write" else 2**32 - 1
+    r, w = os.pipe()
+    busy = _busy_cpu()
+    try:
+        with EventFD(initval, EFD_SEMAPHORE) as efd:
+            procs = [start(_nonblocking_worker, efd, op, w) for _ in range(2)]
+            with reaped(*procs):
+                for p in procs:
+                    assert finish(p, 120) == 0
+            with os.fdopen(r, closefd=False) as lines:
+                failures = [int(lines.readline()) for _ in procs]
+            assert failures == [0, 0]
+            expected = total if op == "write" else initval - total
+            assert efd.peek() == expected
+    finally:
+        busy.kill()
+        busy.wait(10)
+        os.close(r)
+        os.close(w)
