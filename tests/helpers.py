@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import pytest
+
 FORK = multiprocessing.get_context("fork")
 TIMEOUT = 20.0
 
@@ -95,3 +97,38 @@ def python(code: str, *args: str, env: dict[str, str] | None = None,
         [sys.executable, "-c", code, *args], env=full_env, pass_fds=pass_fds,
         capture_output=True, text=True, timeout=timeout, close_fds=close_fds,
     )
+
+
+def blocked_in_poll(pid: int) -> bool:
+    """True while ``pid``'s main thread sleeps in ``select``/``poll`` (proc_pid_wchan(5))."""
+    with open(f"/proc/{pid}/wchan") as f:
+        return f.read().startswith(("poll_schedule_timeout", "do_select", "do_sys_poll"))
+
+
+class LineReader:
+    """Lines that children write to a pipe, read with a deadline."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        self._buf = b""
+
+    def line(self, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            assert left > 0, "no line arrived in time"
+            assert wait_readable(self.r, left), "no line arrived in time"
+            self._buf += os.read(self.r, 4096)
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+# For tests that fork beside threads on purpose (a fork while another thread operates):
+# from 3.12 os.fork() warns that the child of a threaded process may deadlock.
+forks_beside_threads = pytest.mark.filterwarnings(
+    r"ignore:This process \(pid=\d+\) is multi-threaded:DeprecationWarning"
+)

@@ -27,7 +27,7 @@ from crashkit import (
     wait_until,
     wake_when_blocked,
 )
-from helpers import fork_child, python, reap
+from helpers import LineReader, blocked_in_poll, fork_child, python, reap
 from mpeventfd import EventFD, _faults, _lifecycle
 from mpeventfd._state import W_WR
 
@@ -144,28 +144,47 @@ def test_stopped_holder_is_waited_for_never_robbed(backend: str) -> None:
         assert efd.read(timeout=1) == 1 + 3 + 1
 
 
-def _poll_then_read(efd: EventFD) -> int:
-    if not select.select([efd.fileno()], [], [], 10)[0]:
-        return 2
-    try:
-        return 0 if efd.read(timeout=0) == 3 else 1
-    except BlockingIOError:
-        return 0  # the other poller took it
+def _poll_until_read(efd: EventFD, out: int) -> int:
+    """Wait for readiness, then read without waiting; report the first value read.
+
+    Level-triggered readiness lets a poller find nothing: another one took the counter, or a
+    repair drained a byte that a writer killed before its commit had put in.  Then it polls
+    again, as a user's loop would.
+    """
+    while select.select([efd.fileno()], [], [], 20)[0]:
+        try:
+            value = efd.read(timeout=0)
+        except BlockingIOError:
+            continue
+        os.write(out, b"%d\n" % value)
+        return 0
+    return 2
 
 
 @pytest.mark.parametrize("step", ["write.pipe", "write.commit", "write.posted"])
 def test_blocked_pollers_wake_after_a_writer_dies_between_steps(backend: str,
                                                                  step: str) -> None:
+    reports = LineReader()
     with EventFD(0) as efd:
-        pollers = [fork_child(lambda: _poll_then_read(efd)) for _ in range(2)]
+        pollers = [fork_child(lambda: _poll_until_read(efd, reports.w)) for _ in range(2)]
+        for pid in pollers:
+            wait_until(lambda: blocked_in_poll(pid))  # noqa: B023 (called at once)
         writer = victim(efd, step, "kill", lambda e: e.write(3))
         assert killed(reap(writer))
-        if step == "write.pipe":
-            # The byte went in before the commit: the pollers wake, find 0 and repair.
+        values = []
+        if step != "write.pipe":
+            # The write committed and its byte is in: a blocked poller woke and took it.
+            values.append(int(reports.line()))
+        # Each poller still polling gets a write of its own.
+        while len(values) < len(pollers):
             efd.write(3)
+            values.append(int(reports.line()))
+        assert values == [3] * len(pollers)
         for pid in pollers:
-            assert reap(pid, 10) == 0
+            assert reap(pid) == 0
+        assert efd.peek() == 0
         assert readiness_matches(efd)
+    reports.close()
 
 
 def test_waiter_registrations_of_killed_processes_are_corrected(backend: str) -> None:
@@ -216,11 +235,20 @@ def test_kill_during_attach(backend: str, step: str) -> None:
 
 @pytest.mark.parametrize("step", ["detach.closed", "detach.unlinking"])
 def test_kill_during_detach_of_the_last_holder(backend: str, step: str) -> None:
+    go_r, go_w = os.pipe()
     efd = EventFD()
-    pid = victim(efd, step, "kill", lambda e: e.close())
+
+    def close_when_last(e: EventFD) -> None:
+        assert select.select([go_r], [], [], 20)[0]  # the parent has closed its handle
+        e.close()
+
+    pid = victim(efd, step, "kill", close_when_last)
     efd.close()
+    os.write(go_w, b"x")
     # Whatever the dead detacher left is debris now, and the cleanup removes it.
     assert killed(reap(pid))
+    os.close(go_r)
+    os.close(go_w)
     _lifecycle.sweep()
 
 

@@ -546,14 +546,17 @@ def test_a_cancelled_awrite_adds_nothing(run: Runner) -> None:
 def test_aread_on_a_new_eventfd_after_one_was_dropped_with_a_timed_out_aread(
     run: Runner,
 ) -> None:
-    async def main() -> int:
+    async def time_out_and_drop() -> int:
         a = EventFD()
         old = a.fileno()
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(a.aread(), 0.05)  # times out: the aread is cancelled
-        except asyncio.TimeoutError:
-            pass
-        del a  # dropped without close(): the finalizer closes its fds
+        return old  # dropped without close(): the finalizer closes its fds
+
+    async def main() -> int:
+        # In a task of its own: from 3.12, wait_for runs the aread inside the calling task,
+        # and the cancellation's traceback keeps ``a`` alive until that task ends.
+        old = await asyncio.create_task(time_out_and_drop())
         gc.collect()
         with EventFD() as b:
             assert b.fileno() == old, "the fd number was not reused: nothing to show"
