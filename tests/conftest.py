@@ -106,6 +106,11 @@ def leak_guard() -> Iterator[None]:
         child.kill()
         child.join(5)
     assert not children, f"test left child processes running: {children}"
+    # A test that handed an eventfd to a live process started multiprocessing's resource
+    # sharer thread; stop it, or every later fork warns about forking a threaded process.
+    from multiprocessing import resource_sharer
+
+    resource_sharer.stop(timeout=5)
     left = _settle(names_before, time.monotonic() + 5)
     assert not left, f"test leaked named objects: {sorted(left)}"
     gc.collect()

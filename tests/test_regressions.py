@@ -17,7 +17,7 @@ import time
 import pytest
 
 from crashkit import killed, next_operation_within, victim, wait_until
-from helpers import fork_child, python, reap
+from helpers import fork_child, forks_beside_threads, python, reap
 from mpeventfd import EventFD, _faults, _lifecycle, _lock, recv_eventfd, send_eventfd
 from mpeventfd._core import Core
 from mpeventfd._state import S_LOCK, S_PID, S_WR, W_DIRTY, W_WR, slot_word
@@ -131,6 +131,7 @@ def test_f4_a_stopped_claimer_gives_timeouterror_not_a_hang(fast: None) -> None:
             reap(stopped)
 
 
+@forks_beside_threads
 def test_f5_a_fork_child_lets_go_of_a_closing_cores_descriptors() -> None:
     efd = EventFD(0)
     core = core_of(efd)

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from crashkit import readiness_matches, wait_until
-from helpers import fork_child, python, reap
+from helpers import fork_child, forks_beside_threads, python, reap
 from mpeventfd import EventFD, _faults, recv_eventfd
 from mpeventfd._probe import PLATFORM
 from mpeventfd._state import W_PR, W_PW, W_WR, W_WW
@@ -247,6 +247,7 @@ def test_s3a_a_handlers_write_wakes_the_same_threads_blocked_read(backend: str) 
             signal.signal(signal.SIGALRM, old)
 
 
+@forks_beside_threads
 def test_s3b_gc_of_a_second_handle_inside_the_critical_section(backend: str) -> None:
     a, b = socket.socketpair()
     with EventFD(0) as efd:
