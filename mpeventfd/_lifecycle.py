@@ -294,8 +294,13 @@ def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
     existing = _registry.get(ident) or _revive(ident)
     if existing is not None and not existing.released:
         _check_same(existing, st, rfd, wfd)
-        if (state_fd, rfd, wfd) != (existing.state_fd, existing.rfd, existing.wfd):
-            for fd in (state_fd, rfd, wfd):
+        given, mine = (state_fd, rfd, wfd), (existing.state_fd, existing.rfd, existing.wfd)
+        if given != mine:
+            if set(given) & {*mine, existing.private}:
+                # Copies of this eventfd's fds, but mixed with the fds the live handles
+                # use: closing "the duplicates" would close those (a forged handle).
+                raise StateError("the fds mix this eventfd's own fds with other copies")
+            for fd in given:
                 os.close(fd)
         return existing
     mapping = Mapping(state_fd)
@@ -366,6 +371,8 @@ def _check_state_fd(fd: int) -> os.stat_result:
         raise StateError(f"fd {fd} is not open: {e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise StateError(f"fd {fd} is not an mpeventfd state file")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise StateError(f"fd {fd} is not open for reading and writing, as a state fd is")
     if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o600:
         raise StateError(f"fd {fd}: state file is not owner-only (mode 0600, this user)")
     if st.st_size != SIZE:

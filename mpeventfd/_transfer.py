@@ -13,8 +13,10 @@ from __future__ import annotations
 import array
 import os
 import re
+import select
 import socket
 import struct
+import time
 from multiprocessing import reduction
 from typing import Any
 
@@ -31,6 +33,11 @@ _HEADER = struct.Struct("!8sHH16s")
 # Room for more fds than we expect, so a sender that attached extra ones is noticed (and
 # its fds closed) rather than truncated silently.
 _MAX_FDS = 16
+_CMSG_ROOM = socket.CMSG_SPACE(_MAX_FDS * 4)
+_START = 10  # magic and version: what must arrive with the fds
+# How long recv_eventfd waits for the rest of a split header on a blocking socket that has
+# no timeout of its own (a socket's timeout, when set, is the bound instead).
+REST_TIMEOUT = 1.0
 _HANDLE = re.compile(r"mpefd1:([A-Za-z0-9_-]{22}):(\d{1,10}):(\d{1,10}):(\d{1,10})")
 
 
@@ -97,37 +104,108 @@ def send_eventfd(sock: socket.socket, efd: EventFD) -> None:
 def recv_eventfd(sock: socket.socket) -> EventFD:
     """Receive an eventfd sent by :func:`send_eventfd`; its fds are non-inheritable.
 
+    The message is untrusted.  Its fds arrive with its first bytes, which must hold the
+    magic and version: anything else is refused at once.  If a stream socket delivers the
+    rest of the header separately, the call waits for it only as long as the socket's
+    timeout allows (:data:`REST_TIMEOUT` on a blocking socket without one, not at all on a
+    non-blocking one).  Every fd the message brought is closed on every error.
+
     Raises:
-        EOFError: the peer closed the connection first.
-        ValueError: a malformed message (wrong magic, version or fd count, truncated
-            control data, fds that are not an mpeventfd's); every fd received is closed.
-        OSError: errors of ``recvmsg``; a name removed from outside.
+        EOFError: the peer closed the connection before sending anything.
+        ValueError: a malformed message (wrong magic, version or fd count, too short or
+            incomplete in time, truncated control data, fds that are not an mpeventfd's).
+        OSError: ``EMFILE``/``ENFILE`` if this process could not take the fds; errors of
+            ``recvmsg``; a name removed from outside.
     """
     _check_socket(sock)
     stream = sock.type == socket.SOCK_STREAM
     want = _HEADER.size if stream else _HEADER.size + 1
-    msg, ancdata, flags, _ = sock.recvmsg(
-        want, socket.CMSG_SPACE(_MAX_FDS * 4), PLATFORM.cmsg_cloexec
-    )
+    msg, ancdata, flags, _ = sock.recvmsg(want, _CMSG_ROOM, PLATFORM.cmsg_cloexec)
     fds = _collect_fds(ancdata)
     try:
-        if not PLATFORM.cmsg_cloexec:
-            for fd in fds:
-                os.set_inheritable(fd, False)
-        if flags & socket.MSG_CTRUNC:
-            raise StateError("control data was truncated: the message carried too many fds")
         if not msg and not fds:
             if sock.type == socket.SOCK_DGRAM:
                 raise StateError("empty datagram: not an mpeventfd message")
             raise EOFError("the peer closed the connection before sending an eventfd")
-        if stream:
-            msg += _recv_exact(sock, _HEADER.size - len(msg))
+        if flags & socket.MSG_CTRUNC:
+            _explain_truncation(msg, len(fds), sock)
+        if flags & socket.MSG_TRUNC:
+            raise StateError("the message is longer than an mpeventfd header")
+        _check_start(msg, len(fds))
+        if stream and len(msg) < _HEADER.size:
+            msg += _recv_rest(sock, _HEADER.size - len(msg), fds)
         ident = _parse_header(msg, len(fds))
     except BaseException:
         _close_all(fds)
         raise
     core = _lifecycle.attach(fds[0], fds[1], fds[2], expect=ident)
     return EventFD._from_core(core)
+
+
+def _check_start(msg: bytes, nfds: int) -> None:
+    """Refuse at once what the first bytes and their fds already show is not ours.
+
+    ``send_eventfd`` sends the whole header and the fds in one ``sendmsg``, so the magic
+    and version always arrive with the fds.
+    """
+    if len(msg) < _START:
+        raise StateError(f"a message of {len(msg)} bytes is too short to be an mpeventfd one")
+    magic, version = struct.unpack_from("!8sH", msg)
+    if magic != MSG_MAGIC:
+        raise StateError("not an mpeventfd message (bad magic)")
+    if version != MSG_VERSION:
+        raise StateError(f"mpeventfd message version {version} is not {MSG_VERSION}")
+    if nfds != NFDS:
+        raise StateError(f"message carries {nfds} fds, expected {NFDS}")
+
+
+def _recv_rest(sock: socket.socket, n: int, fds: list[int]) -> bytes:
+    """The rest of a header split by a stream socket, within the socket's own timeout.
+
+    Never waits on a non-blocking socket; fds that come with the rest join ``fds`` (so
+    they are counted, and closed on failure).
+    """
+    timeout = sock.gettimeout()
+    if timeout == 0.0:
+        raise StateError("the message arrived incomplete on a non-blocking socket")
+    limit = REST_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    data = b""
+    while len(data) < n:
+        if not _readable(sock.fileno(), deadline - time.monotonic()):
+            raise StateError(f"the rest of the message did not arrive within {limit:g} s")
+        chunk, ancdata, _, _ = sock.recvmsg(n - len(data), _CMSG_ROOM,
+                                            PLATFORM.cmsg_cloexec | socket.MSG_DONTWAIT)
+        fds += _collect_fds(ancdata)
+        if not chunk:
+            raise StateError("the peer closed the connection inside the message")
+        data += chunk
+    return data
+
+
+def _readable(fd: int, seconds: float) -> bool:
+    if seconds <= 0:
+        return False
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(seconds * 1000))
+
+
+def _explain_truncation(msg: bytes, nfds: int, sock: socket.socket) -> None:
+    """``MSG_CTRUNC``: the kernel dropped fds.  Our fault (out of fds) or the peer's?
+
+    A receiver at its ``RLIMIT_NOFILE`` gets fewer fds than the header announces; a
+    peer that sent more fds than there is room for fills the room.  Probing with one
+    more fd while the received ones are still open tells the two apart.
+    """
+    if nfds < NFDS:
+        try:
+            os.close(os.dup(sock.fileno()))
+        except OSError as e:
+            raise OSError(e.errno, f"{os.strerror(e.errno or 0)}: the kernel dropped the "
+                          "fds of an incoming eventfd: this process is out of fds") from None
+    raise StateError("control data was truncated: the message carried more fds than an "
+                     "eventfd has")
 
 
 def _check_socket(sock: object) -> None:
@@ -145,24 +223,11 @@ def _collect_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise StateError("the message ended inside its header")
-        data += chunk
-    return data
-
-
 def _parse_header(msg: bytes, nfds: int) -> bytes:
+    """The id from a whole header whose start ``_check_start`` has accepted."""
     if len(msg) != _HEADER.size:
         raise StateError(f"message of {len(msg)} bytes is not an mpeventfd header")
-    magic, version, count, ident = _HEADER.unpack(msg)
-    if magic != MSG_MAGIC:
-        raise StateError("not an mpeventfd message (bad magic)")
-    if version != MSG_VERSION:
-        raise StateError(f"mpeventfd message version {version} is not {MSG_VERSION}")
+    _, _, count, ident = _HEADER.unpack(msg)
     if count != NFDS or nfds != NFDS:
         raise StateError(f"message carries {nfds} fds (header says {count}), expected {NFDS}")
     return bytes(ident)

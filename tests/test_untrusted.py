@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import array
+import errno
 import os
+import resource
+import select
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import open_fds
-from mpeventfd import EventFD, from_handle, recv_eventfd
+from mpeventfd import EventFD, _names, from_handle, recv_eventfd
+from mpeventfd._transfer import REST_TIMEOUT
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -129,6 +135,211 @@ def test_recv_eventfd_fuzzed_messages(pool: Pool, data: st.DataObject) -> None:
             pass
         else:
             efd.close()  # a well-formed message carrying the genuine fds
+        assert open_fds() == before
+        assert pool.a.peek() == 1
+    finally:
+        a.close()
+        b.close()
+
+
+# -- short, split and hostile socket messages (each answered in bounded time) ---------------
+
+
+def _genuine_header(efd: EventFD) -> bytes:
+    ident = _names.decode(efd.handle.split(":")[1])
+    return struct.pack("!8sHH16s", b"MPEFDMSG", 1, 3, ident)
+
+
+def _send(sock: socket.socket, payload: bytes, fds: list[int] | tuple[int, ...]) -> None:
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    sock.sendmsg([payload], rights if fds else [])
+
+
+def _refused_within(sock: socket.socket, seconds: float) -> float:
+    """recv_eventfd must refuse (ValueError) within ``seconds``; return how long it took."""
+    t0 = time.monotonic()
+    with pytest.raises(ValueError):
+        recv_eventfd(sock)
+    elapsed = time.monotonic() - t0
+    assert elapsed < seconds, f"took {elapsed:.2f} s"
+    return elapsed
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 5, 9])
+@pytest.mark.parametrize("with_fds", [True, False], ids=["fds", "no-fds"])
+def test_a_stream_message_too_short_to_be_ours_is_refused_at_once(
+    nbytes: int, with_fds: bool
+) -> None:
+    """A peer that sends a few bytes and keeps the connection open once hung the receiver."""
+    a, b = socket.socketpair()
+    with EventFD(1) as efd:
+        before = open_fds()
+        # (A stream socket carries fds only with at least one byte.)
+        payload = _genuine_header(efd)[:max(nbytes, 1)]
+        _send(a, payload, efd.fds if with_fds else ())
+        _refused_within(b, 0.5)
+        assert open_fds() == before  # every fd it brought is closed
+        assert efd.peek() == 1
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(
+    ("timeout", "bound"), [(None, REST_TIMEOUT + 1.0), (0.2, 1.0), (0.0, 0.5)],
+    ids=["blocking", "timeout", "non-blocking"])
+def test_the_rest_of_a_split_header_is_awaited_only_as_long_as_the_socket_allows(
+    timeout: float | None, bound: float
+) -> None:
+    a, b = socket.socketpair()
+    b.settimeout(timeout)
+    with EventFD(1) as efd:
+        before = open_fds()
+        _send(a, _genuine_header(efd)[:12], efd.fds)  # magic, version, and no more
+        elapsed = _refused_within(b, bound)
+        if timeout is None:
+            assert elapsed >= REST_TIMEOUT * 0.9
+        assert open_fds() == before
+    a.close()
+    b.close()
+
+
+def test_a_peer_that_closes_inside_the_header_is_refused_at_once() -> None:
+    a, b = socket.socketpair()
+    with EventFD(1) as efd:
+        before = open_fds()
+        _send(a, _genuine_header(efd)[:12], efd.fds)
+        closed = a.fileno()
+        a.close()
+        _refused_within(b, 0.5)
+        assert open_fds() == before - {closed}
+    b.close()
+
+
+def test_a_header_split_after_its_start_is_received() -> None:
+    a, b = socket.socketpair()
+    with EventFD(1) as efd:
+        header = _genuine_header(efd)
+        _send(a, header[:12], efd.fds)
+        a.sendall(header[12:])
+        with recv_eventfd(b) as got:
+            assert got.peek() == 1
+            got.write(1)
+        assert efd.peek() == 2
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET],
+                         ids=["dgram", "seqpacket"])
+@pytest.mark.parametrize("cut", [5, 12, 27])
+def test_a_short_datagram_or_record_is_refused_at_once(kind: int, cut: int) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    with EventFD(1) as efd:
+        before = open_fds()
+        _send(a, _genuine_header(efd)[:cut], efd.fds)
+        _refused_within(b, 0.5)
+        assert open_fds() == before
+    a.close()
+    b.close()
+
+
+def test_out_of_fds_the_receiver_gets_emfile_not_a_blame_on_the_peer() -> None:
+    a, b = socket.socketpair()
+    with EventFD(1) as efd:
+        _send(a, _genuine_header(efd), efd.fds)
+        before = open_fds()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # The lowest limit that leaves exactly one free fd number: the kernel can install
+        # one of the message's three fds, drops two, and reports MSG_CTRUNC.
+        used = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+        limit = next(n for n in range(1, soft + 1) if n - sum(fd < n for fd in used) == 1)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            with pytest.raises(OSError) as info:
+                recv_eventfd(b)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert info.value.errno == errno.EMFILE
+        assert not isinstance(info.value, ValueError)
+        assert open_fds() == before
+        assert efd.peek() == 1
+    a.close()
+    b.close()
+
+
+# -- forged handles never close what the live eventfd uses ----------------------------------
+
+
+def test_a_handle_mixing_live_fds_with_a_dup_closes_nothing() -> None:
+    with EventFD(1) as efd:
+        state_fd, rfd, wfd = efd.fds
+        dup = os.dup(wfd)
+        name = efd.handle.split(":")[1]
+        before = open_fds()
+        for forged in ((state_fd, rfd, dup), (os.dup(state_fd), rfd, wfd)):
+            with pytest.raises(ValueError):
+                from_handle(f"mpefd1:{name}:{forged[0]}:{forged[1]}:{forged[2]}")
+            for fd in forged:
+                os.fstat(fd)  # all still open: a handle's fds are named, never taken
+            if forged[0] != state_fd:
+                os.close(forged[0])
+        assert open_fds() == before
+        assert select.select([efd.fileno()], [], [], 0)[0]  # the live handle still works
+        efd.write(1)
+        assert efd.read() == 2
+        os.close(dup)
+
+
+@pytest.mark.parametrize("mode", [os.O_WRONLY, os.O_RDONLY], ids=["write-only", "read-only"])
+def test_a_handle_naming_a_regular_file_of_the_wrong_access_mode_is_valueerror(
+    mode: int, tmp_path: Any
+) -> None:
+    with EventFD(1) as efd:
+        path = tmp_path / "state"
+        path.write_bytes(os.pread(efd.fds[0], os.fstat(efd.fds[0]).st_size, 0))
+        path.chmod(0o600)
+        fd = os.open(path, mode)
+        name = efd.handle.split(":")[1]
+        _, rfd, wfd = efd.fds
+        before = open_fds()
+        with pytest.raises(ValueError):
+            from_handle(f"mpefd1:{name}:{fd}:{rfd}:{wfd}")
+        assert open_fds() == before
+        os.close(fd)
+
+
+# -- fuzzing stream sockets: short and split messages, with and without fds -----------------
+
+
+@FUZZ
+@given(data=st.data())
+def test_recv_eventfd_fuzzed_split_stream_messages(pool: Pool, data: st.DataObject) -> None:
+    header = _genuine_header(pool.a)
+    payload = data.draw(st.sampled_from([header, header[:5], header[:12], header + b"!"]) |
+                        st.binary(min_size=1, max_size=40))
+    cut = data.draw(st.integers(1, len(payload)))
+    with_fds = data.draw(st.booleans())
+    close_after = data.draw(st.booleans())
+    a, b = socket.socketpair()
+    b.settimeout(0.05)
+    try:
+        before = open_fds()
+        dups = [os.dup(fd) for fd in pool.a.fds] if with_fds else []
+        _send(a, payload[:cut], dups)
+        if cut < len(payload) and data.draw(st.booleans()):
+            a.sendall(payload[cut:])
+        if close_after:
+            a.shutdown(socket.SHUT_WR)
+        for fd in dups:
+            os.close(fd)
+        t0 = time.monotonic()
+        try:
+            efd = recv_eventfd(b)
+        except (ValueError, OSError, EOFError):
+            pass
+        else:
+            efd.close()
+        assert time.monotonic() - t0 < 1.0
         assert open_fds() == before
         assert pool.a.peek() == 1
     finally:
