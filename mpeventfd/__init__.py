@@ -2,15 +2,14 @@
 
 A 64-bit counter in POSIX shared memory, POSIX named semaphores that wake blocked readers
 and writers, a notifier pipe whose read end is ``fileno()``, and a mutex the kernel releases
-when its holder dies.  See ``README.md`` for the guide and ``SPEC.md`` for the contract.
+when its holder dies.  ``README.md`` is the guide; ``docs/design.md`` explains the design.
 """
 
 from __future__ import annotations
 
 from ._errors import StateError
-from ._eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFD
+from ._eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, MAX_VALUE, EventFD
 from ._osfuncs import eventfd, eventfd_read, eventfd_write
-from ._state import MAX_VALUE
 from ._transfer import from_handle, recv_eventfd, send_eventfd
 
 __all__ = (

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import _benchwork as work
-from ._state import SIZE
+from ._core import SIZE
+from ._probe import PLATFORM
 
 HAS_EVENTFD = hasattr(os, "eventfd")
 BEST, MEDIAN = "best", "median"
@@ -205,19 +206,17 @@ def p8(reps: int, n: int) -> Result:
 
 
 def safety(reps: int, n: int) -> Result:
-    """What crash safety costs: the P2 pair with each mutex, against an unsafe prototype."""
-    samples = measure({
-        "mpeventfd": work.pair_loop(n),
-        "kernel mutex": work.pair_loop(n, "kernel"),
-        "fast mutex": work.pair_loop(n, "fast"),
-        "no crash safety": work.unsafe_pair_loop(n),
-    }, reps)
-    res = Result("C", "cost of crash safety: write+read pair", "µs/pair",
-                 "(reported, no target)", samples=samples, stat=BEST)
-    res.ratio = res.ratio_of("mpeventfd", "no crash safety")
+    """What each lock kind costs: the P2 pair with the robust mutex and the byte lock."""
+    timers = {"mpeventfd": work.pair_loop(n), "byte lock": work.pair_loop(n, "byte")}
+    if PLATFORM.robust_mutex:
+        timers["robust mutex"] = work.pair_loop(n, "robust")
+    samples = measure(timers, reps)
+    res = Result("C", "lock kinds: write+read pair", "µs/pair", "(reported, no target)",
+                 samples=samples, stat=BEST)
     res.verdict = "INFO"
-    res.note = (f"fast {res.ratio_of('fast mutex', 'no crash safety'):.2f}x, kernel "
-                f"{res.ratio_of('kernel mutex', 'no crash safety'):.2f}x the unsafe prototype")
+    if PLATFORM.robust_mutex:
+        res.ratio = res.ratio_of("byte lock", "robust mutex")
+        res.note = f"the kernel byte lock costs {res.ratio:.2f}x the robust mutex"
     return res
 
 

@@ -16,8 +16,6 @@ import struct
 import time
 from collections.abc import Callable
 
-import posix_ipc
-
 from . import _lifecycle
 from ._eventfd import EFD_SEMAPHORE, EventFD
 
@@ -92,15 +90,16 @@ def pipe_write_loop(n: int) -> Timer:
     return run
 
 
-def pair_loop(n: int, backend: str | None = None) -> Timer:
+def pair_loop(n: int, lock: str | None = None) -> Timer:
+    """The write+read pair; ``lock`` picks the lock kind ("robust", "byte")."""
     def run() -> float:
-        saved = _lifecycle.default_backend
-        if backend is not None:
-            _lifecycle.default_backend = _lifecycle.BACKENDS[backend]
+        saved = _lifecycle.default_mutex
+        if lock is not None:
+            _lifecycle.default_mutex = _lifecycle.LOCK_KINDS[lock]
         try:
             efd = EventFD(0)
         finally:
-            _lifecycle.default_backend = saved
+            _lifecycle.default_mutex = saved
         with efd:
             write, read = efd.write, efd.read
             t0 = _clock()
@@ -108,40 +107,6 @@ def pair_loop(n: int, backend: str | None = None) -> Timer:
                 write(1)
                 read()
             return (_clock() - t0) / n
-    return run
-
-
-def unsafe_pair_loop(n: int) -> Timer:
-    """The same pair without crash safety: what reliability.md's first prototype did.
-
-    A bare semaphore as the mutex (a holder's death deadlocks everyone), a counter in shared
-    memory, the notifier pipe; no dirty mark, no slot words, no repair.  Only for measuring
-    what crash safety costs.
-    """
-    def run() -> float:
-        sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, 0o600, 1)
-        sem.unlink()
-        words = memoryview(mmap.mmap(-1, 64)).cast("Q")
-        r, w = os.pipe2(os.O_NONBLOCK) if hasattr(os, "pipe2") else os.pipe()
-        try:
-            take, give = sem.acquire, sem.release
-            t0 = _clock()
-            for _ in range(n):
-                take(0)
-                if not words[0]:
-                    os.write(w, b"\x01")
-                words[0] += 1
-                give()
-                take(0)
-                words[0] = 0
-                os.read(r, 64)
-                give()
-            return (_clock() - t0) / n
-        finally:
-            sem.close()
-            words.release()
-            os.close(r)
-            os.close(w)
     return run
 
 

@@ -1,33 +1,33 @@
-"""The public :class:`EventFD` handle."""
+"""The public :class:`EventFD` handle.
+
+``read``, ``write``, ``peek`` and ``fileno`` are methods of its C base, ``_core.Handle``:
+each is one C call, which is what makes them fast and what keeps a signal handler from
+ever running inside a critical section.  Everything else is here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import math
-import operator
 import os
 from types import TracebackType
 from typing import NoReturn
 
-from . import _aio, _lifecycle, _lock, _reentry
-from ._core import DEFERRED_GRACE, READ, Core
+from . import _aio, _core, _lifecycle
+from ._core import Core
 from ._errors import closed_error, oserror
-from ._state import MAX_VALUE, W_NONBLOCK
 
 EFD_SEMAPHORE: int = getattr(os, "EFD_SEMAPHORE", 1)
 EFD_CLOEXEC: int = getattr(os, "EFD_CLOEXEC", os.O_CLOEXEC)
 EFD_NONBLOCK: int = getattr(os, "EFD_NONBLOCK", os.O_NONBLOCK)
+MAX_VALUE: int = _core.MAX_VALUE
 _KNOWN_FLAGS = EFD_SEMAPHORE | EFD_CLOEXEC | EFD_NONBLOCK
 assert EFD_SEMAPHORE & (EFD_CLOEXEC | EFD_NONBLOCK) == 0
 assert EFD_CLOEXEC != EFD_NONBLOCK
 _INITVAL_MAX = 2**32 - 1
-_WRITE_LIMIT = 2**64  # values >= this overflow a u64
-_held = _reentry.held
-_inside = _reentry.inside
 
 
-class EventFD:
+class EventFD(_core.Handle):
     """A Linux eventfd that works across processes on any POSIX system.
 
     The object holds a 64-bit counter shared with every process the eventfd reaches (fork,
@@ -50,10 +50,10 @@ class EventFD:
             when the system runs out, with nothing left behind.
     """
 
-    __slots__ = ("__weakref__", "_core", "_owner")
+    __slots__ = ("__weakref__", "_owner")
+    _core: Core | None  # (a C-level attribute of Handle: the attached core, or None)
 
     def __init__(self, initval: int = 0, flags: int = EFD_CLOEXEC) -> None:
-        self._core: Core | None = None
         self._owner = True
         if not isinstance(initval, int):
             raise TypeError(f"initval must be an int, not {type(initval).__name__}")
@@ -77,99 +77,13 @@ class EventFD:
     def _from_core(cls, core: Core, owner: bool = True) -> EventFD:
         """A new handle on an attached core (``owner=False``: borrowed, never releases)."""
         self = cls.__new__(cls)
-        self._core = None
         self._owner = owner
         if owner:
             _lifecycle.retain(core)
         self._core = core
         return self
 
-    # -- counter operations -----------------------------------------------------------------
-
-    def read(self, timeout: float | None = None) -> int:
-        """Read the counter: all of it (resetting it to 0), or 1 in semaphore mode.
-
-        Args:
-            timeout: ``None`` follows the blocking mode; ``0`` never waits; ``> 0`` waits at
-                most that many seconds (monotonic), for the counter and for the mutex.
-
-        Returns:
-            The value read, ``1 <= value <= MAX_VALUE``.
-
-        Raises:
-            BlockingIOError: the counter is 0 and the call may not wait.
-            TimeoutError: the timeout expired; nothing was consumed.
-            OSError: ``EBADF`` if the handle is closed.
-            RuntimeError: called from a signal handler or finalizer while the same thread is
-                inside an eventfd operation (it could never return).
-        """
-        core = self._core
-        if core is None:
-            raise closed_error()
-        if timeout is not None:
-            _check_timeout(timeout)
-        if _held[0] and _inside():
-            _reentrant_read()
-        try:
-            if timeout is None:
-                until = -1.0 if core.words[W_NONBLOCK] else None
-            else:
-                until = core.until(timeout)
-        except ValueError:  # the mapping was released: another thread closed it just now
-            raise closed_error() from None
-        return core.op(READ, until)
-
-    def write(self, value: int = 1, timeout: float | None = None) -> None:
-        """Add ``value`` to the counter.
-
-        A write that would take the counter past ``MAX_VALUE`` waits for room (or raises in
-        non-blocking mode); there is never a partial add.  ``write(0)`` always succeeds.
-        Called from a signal handler or finalizer while the same thread is inside an
-        operation, the write is deferred and applied as that operation releases its lock.
-
-        Args:
-            value: ``0 <= value <= MAX_VALUE``; ``bool`` is accepted, as by
-                ``os.eventfd_write``.
-            timeout: as for :meth:`read`.
-
-        Raises:
-            TypeError: ``value`` is not an int.
-            ValueError: ``value`` is negative.
-            OverflowError: ``value >= 2**64``.
-            OSError: ``EINVAL`` for ``value == 2**64 - 1`` (checked before room, as on
-                Linux); ``EBADF`` if closed.
-            BlockingIOError: no room and the call may not wait.
-            TimeoutError: no room before the timeout; nothing was added.
-        """
-        core = self._core
-        if core is None:
-            raise closed_error()
-        if type(value) is not int:  # (bool and int subclasses: _as_value)
-            value = _as_value(value)
-        if not 0 <= value <= MAX_VALUE:
-            _bad_value(value)
-        if timeout is not None:
-            _check_timeout(timeout)
-        if _held[0] and _inside():
-            _reentry.defer(self._apply_deferred, value)
-            return
-        try:
-            if timeout is None:
-                until = -1.0 if core.words[W_NONBLOCK] else None
-            else:
-                until = core.until(timeout)
-        except ValueError:  # the mapping was released: another thread closed it just now
-            raise closed_error() from None
-        core.op(value, until)
-
-    def _apply_deferred(self, value: int) -> None:
-        # A deferred write has no caller left to wait for room, so it does not wait for it;
-        # but it waits for a mutex another process holds, like any write, or it would be
-        # lost whenever the handler happened to fire under contention.
-        core = self._core
-        if core is None:
-            raise closed_error()
-        core.op(value, -1.0, DEFERRED_GRACE)
+    # -- asyncio ----------------------------------------------------------------------------
 
     async def aread(self) -> int:
         """``read()`` for asyncio: wait until readable without blocking the event loop.
@@ -186,21 +100,18 @@ class EventFD:
         while True:
             core = self._live()
             if not core.peek():
-                # Nothing to read: wait first.  (A lock-free look: a write that lands just
-                # after it has written the pipe byte already, so the wait returns at once.)
-                await _aio.wait_readable(core.rfd)
-                core = self._live()
-            try:
-                return core.op(READ, -1.0, grace=0.0)
-            except _lock.MutexBusy:
-                # Another process holds the mutex (live holders keep it for microseconds):
-                # retry without blocking the loop (design-review M1).
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.02)
+                await _aio.wait_readable(core.fds[1])
                 continue
-            except BlockingIOError:
-                pass
-            await _aio.wait_readable(core.rfd)
+            try:
+                got: int = core.try_read()
+            except BlockingIOError:  # another reader was first
+                continue
+            if got:
+                return got
+            # The lock is busy (its holder is another process, or stopped): never block
+            # the loop for it; try again shortly.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
     async def awrite(self, value: int = 1) -> None:
         """``write()`` for asyncio: never blocks the event loop.
@@ -212,30 +123,15 @@ class EventFD:
         Raises:
             as :meth:`write`.
         """
-        if type(value) is not int:  # (bool and int subclasses: _as_value)
-            value = _as_value(value)
-        if not 0 <= value <= MAX_VALUE:
-            _bad_value(value)
         delay = 0.0005
         while True:
             try:
-                self._live().op(value, -1.0, grace=0.0)
-                return
+                if self._live().try_write(value):
+                    return
             except BlockingIOError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.05)
-
-    def peek(self) -> int:
-        """Return the counter without consuming anything (like fdinfo's ``eventfd-count``)."""
-        return self._live().peek()
-
-    def fileno(self) -> int:
-        """The notifier pipe's read end: readable exactly while the counter is > 0.
-
-        It is a pipe, not an eventfd: it never reports ``POLLOUT``, and reading it directly
-        bypasses the counter.  Use :meth:`read` to consume.
-        """
-        return self._live().rfd
+                pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     # -- modes ------------------------------------------------------------------------------
 
@@ -247,22 +143,22 @@ class EventFD:
     @property
     def semaphore(self) -> bool:
         """True for an ``EFD_SEMAPHORE`` eventfd (fixed at creation)."""
-        return self._live().semaphore
+        return bool(self._live().semaphore)
 
     @property
     def flags(self) -> int:
         """The ``EFD_*`` bits now in force for this handle."""
         core = self._live()
         flags = EFD_SEMAPHORE if core.semaphore else 0
-        if core.get_nonblocking():
+        if core.nonblocking:
             flags |= EFD_NONBLOCK
-        if not os.get_inheritable(core.rfd):
+        if not os.get_inheritable(core.fds[1]):
             flags |= EFD_CLOEXEC
         return flags
 
     def get_blocking(self) -> bool:
         """The blocking mode, shared by every handle in every process (``O_NONBLOCK``)."""
-        return not self._live().get_nonblocking()
+        return not self._live().nonblocking
 
     def set_blocking(self, blocking: bool) -> None:
         """Set the blocking mode for every handle in every process, as ``F_SETFL`` does.
@@ -270,11 +166,11 @@ class EventFD:
         A call already waiting keeps waiting: the mode is read when a call starts.
         """
         _check_flag("blocking", blocking)
-        self._live().set_nonblocking(not blocking)
+        self._live().nonblocking = not blocking
 
     def get_inheritable(self) -> bool:
         """True if this process's fds of the eventfd survive ``exec``."""
-        return os.get_inheritable(self._live().rfd)
+        return os.get_inheritable(self._live().fds[1])
 
     def set_inheritable(self, inheritable: bool) -> None:
         """Set close-on-exec on every fd of the eventfd in this process (all or none)."""
@@ -285,14 +181,15 @@ class EventFD:
     @property
     def fds(self) -> tuple[int, ...]:
         """The fds a child needs to re-attach: give them to ``Popen(pass_fds=...)``."""
-        core = self._live()
-        return (core.state_fd, core.rfd, core.wfd)
+        fds: tuple[int, int, int] = self._live().fds
+        return fds
 
     @property
     def handle(self) -> str:
         """A token that names :attr:`fds`; an exec'd child passes it to ``from_handle``."""
         core = self._live()
-        return f"mpefd1:{core.name}:{core.state_fd}:{core.rfd}:{core.wfd}"
+        state_fd, rfd, wfd = core.fds
+        return f"mpefd1:{_lifecycle.name_of(core)}:{state_fd}:{rfd}:{wfd}"
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -307,19 +204,12 @@ class EventFD:
         if core is None:
             return
         self._core = None
-        if not self._owner:
-            return
-        _aio.wake_all(core.rfd)  # asyncio waiters re-check and see the handle closed
-        if _inside():
-            # Inside a critical section of this thread (a handler or finalizer): release
-            # when the section ends, never under it (design-review S3f).
-            _reentry.defer(lambda _: _lifecycle.release(core), 0)
-            return
-        _lifecycle.release(core)
+        if self._owner:
+            _lifecycle.release(core)
 
     def __del__(self) -> None:
         core = self._core
-        if core is not None and self._owner:
+        if core is not None and getattr(self, "_owner", False):
             self._core = None
             _lifecycle.release_from_finalizer(core)
 
@@ -340,12 +230,13 @@ class EventFD:
             return "<mpeventfd.EventFD closed>"
         try:
             counter: object = core.peek()
+            names = [n for n, bit in _FLAG_NAMES if self.flags & bit]
+            fileno: object = core.fds[1]
         except (OSError, ValueError):
-            counter = "?"
-        names = [n for n, bit in _FLAG_NAMES if self.flags & bit]
+            return "<mpeventfd.EventFD closed>"
         return (
-            f"<mpeventfd.EventFD id={core.name} counter={counter} "
-            f"flags={'|'.join(names) or '0'} fileno={core.rfd}>"
+            f"<mpeventfd.EventFD id={_lifecycle.name_of(core)} counter={counter} "
+            f"flags={'|'.join(names) or '0'} fileno={fileno}>"
         )
 
     def __reduce__(self) -> NoReturn:
@@ -370,36 +261,6 @@ _FLAG_NAMES = (
 )
 
 
-def _as_value(value: object) -> int:
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"value must be an int, not {type(value).__name__}") from None
-
-
-def _bad_value(value: int) -> NoReturn:
-    if value < 0:
-        raise ValueError("value must be >= 0")
-    if value >= _WRITE_LIMIT:
-        raise OverflowError("value must be < 2**64")
-    # 2**64 - 1 is the kernel's overflow marker; write(2) refuses it before the room check.
-    raise oserror(errno.EINVAL, "2**64 - 1 cannot be written")
-
-
 def _check_flag(name: str, value: object) -> None:
     if not isinstance(value, int):
         raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
-
-
-def _check_timeout(timeout: object) -> None:
-    if not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError("timeout must be a non-negative number or None")
-
-
-def _reentrant_read() -> NoReturn:
-    raise RuntimeError(
-        "read() from a signal handler or finalizer while this thread is inside an eventfd "
-        "operation would deadlock; use write(), which is deferred, instead"
-    )

@@ -1,6 +1,7 @@
-"""Creation, attach, detach and removal of the named objects of an eventfd (SPEC §4).
+"""Creation, attach, detach and removal of the named objects of an eventfd.
 
-The kernel counts the references, exactly as it does for a real eventfd:
+The kernel counts the references, exactly as it does for a real eventfd (docs/design.md,
+"Lifecycle"):
 
 * **Presence.**  The creator opens the state file once and takes ``flock(LOCK_SH)`` on that
   open file description.  The fd travels everywhere the eventfd goes (fork, ``DupFd``,
@@ -14,18 +15,19 @@ The kernel counts the references, exactly as it does for a real eventfd:
   temporary name with its presence lock taken at once, linked into place, and only then are
   the semaphores (and the lock file) created.  Teardown goes in reverse.  So a semaphore
   without a state file is always debris, and a state file is judged only by the liveness
-  test, never by age (design-review L2).
+  test, never by age.
 * **Attach** opens names without ``O_CREAT``: a missing name means something outside
   removed it (systemd ``RemoveIPC``), and re-creating it would split the eventfd in two.
 * **Last holders that run no finalizer** (a multiprocessing fork child leaves through
   ``os._exit``; a concurrent ``fork`` + ``exec`` holds a copy for an instant): a
   multiprocessing after-fork finalizer, a liveness test at interpreter exit, a janitor
-  thread that retests names it could not remove, and a sweep at creation (design-review L1).
+  thread that retests names it could not remove, and a sweep at creation.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import errno
 import fcntl
 import os
@@ -36,46 +38,35 @@ from collections.abc import Iterator
 
 import posix_ipc
 
-from . import _aio, _lock, _names, _notifier, _reentry
+from . import _aio, _core, _names
 from . import _faults as F
 from ._core import Core
 from ._errors import StateError, oserror
 from ._probe import PLATFORM
-from ._state import (
-    BACKEND_FAST,
-    BACKEND_KERNEL,
-    HEADER_WORDS,
-    ID_BYTES,
-    SIZE,
-    W_BACKEND,
-    W_LOCK_DEV,
-    W_LOCK_INO,
-    W_PIPE_DEV,
-    W_PIPE_INO,
-    W_SEM_M_INO,
-    W_SEM_R_INO,
-    W_SEM_W_INO,
-    Mapping,
-    initialise,
-    validate,
-)
 
-_registry: dict[bytes, Core] = {}
+_registry: dict[bytes, Core] = {}  # ident -> the live core of this process
 _by_fileno: dict[int, Core] = {}
+_refs: dict[Core, int] = {}  # handles per core; a core leaves when its count drops to 0
+_closing: dict[bytes, Core] = {}  # closed, but a call in flight keeps it: revivable
+_names_of: dict[Core, str] = {}  # those cores' names (their ident goes with the mapping)
 _reg_lock = threading.Lock()
 _janitor_lock = threading.Lock()
 _pending: set[str] = set()  # names whose liveness test failed at our last detach
+_deferred: collections.deque[Core] = collections.deque()  # releases a finalizer could not do
 _janitor: threading.Thread | None = None
 _last_sweep = 0.0
 SWEEP_INTERVAL = 1.0
 # A creator takes the presence lock right after creating its temporary file (where there is
 # no O_TMPFILE); a free temporary file younger than this may be a creator paused in between.
 TEMP_GRACE = 10.0
-# The mutex of new eventfds: "fast" (SPEC §5.8, the default) or "kernel" (SPEC §5.1).
-# Attachers follow whatever the creator chose, as recorded in the header.
-BACKENDS = {"fast": BACKEND_FAST, "kernel": BACKEND_KERNEL}
-default_backend = BACKENDS.get(os.environ.get("MPEVENTFD_MUTEX", "fast"), BACKEND_FAST)
-_SEM_WORDS = {"r": W_SEM_R_INO, "w": W_SEM_W_INO, "m": W_SEM_M_INO}
+# The lock kind of new eventfds; attachers follow the one recorded in the header.
+LOCK_KINDS = {"robust": _core.MUTEX_ROBUST, "byte": _core.MUTEX_BYTE}
+default_mutex = PLATFORM.mutex_kind
+
+
+def name_of(core: Core) -> str:
+    """The 22-character name (the encoded id) of an attached core."""
+    return _names.encode(core.ident)
 
 
 # -- creation -------------------------------------------------------------------------------
@@ -84,14 +75,11 @@ _SEM_WORDS = {"r": W_SEM_R_INO, "w": W_SEM_W_INO, "m": W_SEM_M_INO}
 def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
     """Build and publish a new eventfd; on any failure leave no fd, mapping or name behind."""
     _sweep_now_and_then()
-    backend = default_backend
-    kinds = "rwm" if backend == BACKEND_FAST else "rw"
     ident = _names.new_id()
     name = _names.encode(ident)
     path = _names.state_path(name)
-    fd = r = w = pd = -1
-    mapping: Mapping | None = None
-    sems: list[posix_ipc.Semaphore] = []
+    carrier = PLATFORM.carrier
+    fd = r = w = -1
     made: list[str] = []  # names created so far, for the teardown
     try:
         fd, temp = _open_unnamed(name)
@@ -103,50 +91,41 @@ def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
         _allocate(fd)
         if F.ARMED:
             F.hit("create.fallocate")
-        mapping = Mapping(fd)
-        if F.ARMED:
-            F.hit("create.mmap")
-        r, w = _notifier.create()
+        r, w = _pipe()
         if F.ARMED:
             F.hit("create.pipe")
         pipe = os.fstat(r)
-        mapping.words[W_PIPE_DEV], mapping.words[W_PIPE_INO] = pipe.st_dev, pipe.st_ino
         if initval:
-            _notifier.signal_ready(w)
-        initialise(mapping, ident, semaphore, nonblocking, initval, backend)
+            os.write(w, b"\x01")  # readable from the start
+        _core.init_page(fd, ident, semaphore, nonblocking, initval, default_mutex, carrier,
+                        pipe.st_dev, pipe.st_ino)
+        if F.ARMED:
+            F.hit("create.mmap")
         _publish(fd, temp, path)
         made.append(path)
         if temp:
             made.remove(temp)
         if F.ARMED:
             F.hit("create.published")
-        for kind in kinds:
-            sems.append(_sem_open(_names.sem_name(name, kind), create=True))
+        inos = []
+        for kind in "rw":
+            _sem_create(_names.sem_name(name, kind))
             made.append(_names.sem_name(name, kind))
-            mapping.words[_SEM_WORDS[kind]] = _sem_ino(name, kind)
+            inos.append(_sem_ino(name, kind))
             if F.ARMED:
                 F.hit("create.sem_" + kind)
-        if backend == BACKEND_FAST:
-            sems[2].release()  # the mutex token
         lock_ident = (0, 0)
-        if not PLATFORM.ofd_locks:
+        if carrier == _core.CARRIER_FILE:
             made.append(_names.lock_path(name))
             lock_ident = _create_lock_file(name)
             if F.ARMED:
                 F.hit("create.lockfile")
-            mapping.words[W_LOCK_DEV], mapping.words[W_LOCK_INO] = lock_ident
-        # The private descriptor opens now, while every name exists: a handle keeps working
+        _core.set_identity(fd, inos[0], inos[1], *lock_ident)
+        # The private description opens now, while every name exists: a handle keeps working
         # if something outside removes the names later (only a fork child reopens it).
-        pd = _lock.open_private(r, _names.lock_path(name), lock_ident,
-                                (pipe.st_dev, pipe.st_ino))
-        core = Core(name, (fd, r, w), mapping, _three(sems), _names.lock_path(name), lock_ident)
-        core.adopt_private(pd)
+        core = _new_core(name, fd, r, w, carrier)
     except BaseException:
-        for sem in sems:
-            sem.close()
-        if mapping is not None:
-            mapping.close()
-        for x in (fd, r, w, pd):
+        for x in (fd, r, w):
             if x >= 0:
                 os.close(x)
         for made_name in reversed(made):
@@ -154,6 +133,27 @@ def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
         raise
     _register(core)
     return core
+
+
+def _new_core(name: str, fd: int, r: int, w: int, carrier: int) -> Core:
+    lock = _names.lock_path(name) if carrier == _core.CARRIER_FILE else None
+    return Core(fd, r, w, _names.sem_name(name, "r"), _names.sem_name(name, "w"), lock,
+                PLATFORM.poll_waits)
+
+
+def _pipe() -> tuple[int, int]:
+    """A non-blocking, close-on-exec pipe: ``(read end, write end)``."""
+    if PLATFORM.pipe2:
+        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    r, w = os.pipe()  # (no pipe2, as on macOS: os.pipe() is close-on-exec already, PEP 446)
+    try:
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    return r, w
 
 
 def _open_unnamed(name: str) -> tuple[int, str]:
@@ -171,10 +171,10 @@ def _allocate(fd: int) -> None:
     """Reserve every page now: a full tmpfs then fails here with ENOSPC, not later by SIGBUS."""
     os.fchmod(fd, 0o600)  # exactly owner-only, whatever the umask
     if PLATFORM.fallocate:
-        os.posix_fallocate(fd, 0, SIZE)
+        os.posix_fallocate(fd, 0, _core.SIZE)
         return
     # No posix_fallocate (macOS): write the zeros ourselves, which also reserves the pages.
-    if os.pwrite(fd, bytes(SIZE), 0) != SIZE:
+    if os.pwrite(fd, bytes(_core.SIZE), 0) != _core.SIZE:
         raise oserror(errno.ENOSPC, "short write while sizing the state file")
 
 
@@ -206,26 +206,17 @@ def _create_lock_file(name: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _sem_open(name: str, create: bool) -> posix_ipc.Semaphore:
-    """Open (or create) a semaphore, translating posix_ipc's errors into errno ones."""
+def _sem_create(name: str) -> None:
+    """Create a semaphore (``O_EXCL``, 0600) with posix_ipc; the C core opens it by name."""
     try:
-        if create:
-            return posix_ipc.Semaphore(name, posix_ipc.O_CREX, 0o600, 0)
-        return posix_ipc.Semaphore(name)
+        posix_ipc.Semaphore(name, posix_ipc.O_CREX, 0o600, 0).close()
     except posix_ipc.ExistentialError:
-        if create:
-            raise FileExistsError(errno.EEXIST, "semaphore exists", name) from None
-        raise FileNotFoundError(
-            errno.ENOENT,
-            "semaphore is missing: something outside mpeventfd removed it (e.g. systemd "
-            "RemoveIPC); refusing to re-create it, which would split the eventfd in two",
-            name,
-        ) from None
+        raise FileExistsError(errno.EEXIST, "semaphore exists", name) from None
     except posix_ipc.PermissionsError as e:
         raise PermissionError(errno.EACCES, str(e), name) from None
     except OSError as e:
         if e.errno is None:
-            # posix_ipc raises some system errors without an errno (reliability §1.7).
+            # posix_ipc raises some system errors without an errno (EMFILE, ENOSPC, ...).
             raise oserror(_errno_of(str(e)), f"{name}: {e}") from None
         raise
     except ValueError as e:  # posix_ipc's EINVAL and ENAMETOOLONG
@@ -280,103 +271,104 @@ def _attach(state_fd: int, rfd: int, wfd: int, expect: bytes | None) -> Core:
     if len({state_fd, rfd, wfd}) != 3:
         raise StateError("the three fds of an eventfd must be distinct")
     st = _check_state_fd(state_fd)
-    header = os.pread(state_fd, HEADER_WORDS * 8, 0)
-    ident = header[ID_BYTES]
+    header = _core.read_header(state_fd)
+    ident = header["id"]
     if expect is not None and ident != expect:
         raise StateError("the fds belong to another eventfd than the one named")
+    _check_pipe(rfd, wfd, (header["pipe_dev"], header["pipe_ino"]))
     with _reg_lock:  # one core per (process, eventfd), even when threads attach at once
-        return _attach_locked(state_fd, rfd, wfd, ident, st)
-
-
-def _attach_locked(state_fd: int, rfd: int, wfd: int, ident: bytes,
-                   st: os.stat_result) -> Core:
-    name = _names.encode(ident)
-    existing = _registry.get(ident) or _revive(ident)
-    if existing is not None and not existing.released:
-        _check_same(existing, st, rfd, wfd)
-        given, mine = (state_fd, rfd, wfd), (existing.state_fd, existing.rfd, existing.wfd)
-        if given != mine:
-            if set(given) & {*mine, existing.private}:
-                # Copies of this eventfd's fds, but mixed with the fds the live handles
-                # use: closing "the duplicates" would close those (a forged handle).
-                raise StateError("the fds mix this eventfd's own fds with other copies")
-            for fd in given:
-                os.close(fd)
-        return existing
-    mapping = Mapping(state_fd)
-    sems: list[posix_ipc.Semaphore] = []
-    pd = -1
-    try:
-        validate(mapping, st.st_size)
+        existing = _registry.get(ident) or _revive(ident)
+        if existing is not None:
+            return _same_again(existing, st, (state_fd, rfd, wfd))
+        name = _names.encode(ident)
+        _check_named(name, st)
+        _check_kind(header)
         if F.ARMED:
             F.hit("attach.validated")
-        words = mapping.words
-        _check_pipe(rfd, wfd, (words[W_PIPE_DEV], words[W_PIPE_INO]))
-        _check_named(name, st)
-        kinds = "rwm" if words[W_BACKEND] == BACKEND_FAST else "rw"
-        for kind in kinds:
-            sems.append(_sem_open(_names.sem_name(name, kind), create=False))
-            ino = words[_SEM_WORDS[kind]]
-            if ino and _sem_ino(name, kind) != ino:
+        for kind in "rw":
+            ino = header[f"sem_{kind}_ino"]
+            if ino and _sem_ino_or_missing(name, kind) != ino:
                 raise StateError(f"semaphore {_names.sem_name(name, kind)} is not the original")
         if F.ARMED:
             F.hit("attach.sems")
-        lock_ident = (int(words[W_LOCK_DEV]), int(words[W_LOCK_INO]))
-        if not PLATFORM.ofd_locks and lock_ident == (0, 0):
-            raise StateError("this eventfd was created without a lock file; mixed backends")
-        pd = _lock.open_private(rfd, _names.lock_path(name), lock_ident,
-                                (words[W_PIPE_DEV], words[W_PIPE_INO]))
-        core = Core(name, (state_fd, rfd, wfd), mapping, _three(sems),
-                    _names.lock_path(name), lock_ident)
-        core.adopt_private(pd)
-    except BaseException:
-        for sem in sems:
-            sem.close()
-        mapping.close()
-        if pd >= 0:
-            os.close(pd)
-        raise
-    _register_locked(core)
+        core = _new_core(name, state_fd, rfd, wfd, header["carrier"])
+        _register_locked(core)
+        return core
+
+
+def _sem_ino_or_missing(name: str, kind: str) -> int:
+    try:
+        return _sem_ino(name, kind)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT, "semaphore is missing: something outside mpeventfd removed it (e.g. "
+            "systemd RemoveIPC); refusing to re-create it, which would split the eventfd in two",
+            _names.sem_name(name, kind)) from None
+
+
+def _check_kind(header: dict[str, object]) -> None:
+    """Refuse an eventfd whose lock this process cannot take the same way as its creator.
+
+    Locks of different kinds (a robust mutex, OFD locks on the pipe, classic locks on a lock
+    file) do not exclude each other: two processes using different ones would both enter.
+    """
+    mutex, carrier = header["mutex_kind"], header["carrier"]
+    if mutex == _core.MUTEX_ROBUST and not PLATFORM.robust_mutex:
+        raise StateError("this eventfd's lock is a robust mutex, which this process cannot use "
+                         "(MPEVENTFD_PORTABLE, or a build without robust mutexes)")
+    if carrier == _core.CARRIER_PIPE and PLATFORM.carrier != _core.CARRIER_PIPE:
+        raise StateError("this eventfd keeps its locks on the notifier pipe (OFD locks), which "
+                         "this process cannot use (MPEVENTFD_PORTABLE, or not Linux)")
+    if carrier == _core.CARRIER_FILE and PLATFORM.carrier != _core.CARRIER_FILE:
+        raise StateError("this eventfd keeps its locks on a lock file (it was created with "
+                         "MPEVENTFD_PORTABLE or on another OS); this process would lock the pipe")
+
+
+def _same_again(core: Core, st: os.stat_result, given: tuple[int, int, int]) -> Core:
+    """The eventfd is attached here already: return that core, after checking the fds."""
+    mine = core.fds
+    shown = os.fstat(mine[0])
+    if (shown.st_dev, shown.st_ino) != (st.st_dev, st.st_ino):
+        raise StateError("the fds claim an id that belongs to another state file")
+    if given != mine:
+        if set(given) & set(mine):
+            # Copies of this eventfd's fds, but mixed with the fds the live handles use:
+            # closing "the duplicates" would close those (a forged handle).
+            raise StateError("the fds mix this eventfd's own fds with other copies")
+        for fd in given:
+            os.close(fd)
     return core
-
-
-def _three(
-    sems: list[posix_ipc.Semaphore],
-) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore, posix_ipc.Semaphore | None]:
-    return sems[0], sems[1], sems[2] if len(sems) > 2 else None
 
 
 def _revive(ident: bytes) -> Core | None:
     """A core whose last handle closed while a thread still waits in it: use it again.
 
-    A second core would open a second private descriptor, and classic ``fcntl`` locks
-    belong to the process: closing either would drop the other's locks (lock-protocol S4).
-    Called with ``_reg_lock`` held.
+    A second core would open a second private description, and classic ``fcntl`` locks
+    belong to the process: closing either would drop the other's locks.  Called with
+    ``_reg_lock`` held.
     """
-    for core in list(_reentry.cores.values()):
-        if isinstance(core, Core) and core.ident == ident:
-            with core.tlock:
-                if core.released:
-                    return None
-                core.closing = False
-            _register_locked(core)
-            return core
-    return None
+    core = _closing.pop(ident, None)
+    if core is None or not core.reopen():
+        return None
+    _names_of.pop(core, None)
+    _register_locked(core)
+    return core
 
 
 def _check_state_fd(fd: int) -> os.stat_result:
     try:
         st = os.fstat(fd)
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError as e:
         raise StateError(f"fd {fd} is not open: {e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise StateError(f"fd {fd} is not an mpeventfd state file")
-    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+    if mode != os.O_RDWR:
         raise StateError(f"fd {fd} is not open for reading and writing, as a state fd is")
     if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o600:
         raise StateError(f"fd {fd}: state file is not owner-only (mode 0600, this user)")
-    if st.st_size != SIZE:
-        raise StateError(f"fd {fd}: state file has {st.st_size} bytes, expected {SIZE}")
+    if st.st_size != _core.SIZE:
+        raise StateError(f"fd {fd}: state file has {st.st_size} bytes, expected {_core.SIZE}")
     return st
 
 
@@ -406,13 +398,6 @@ def _check_named(name: str, st: os.stat_result) -> None:
         raise StateError("the state file's name refers to another file")
 
 
-def _check_same(core: Core, st: os.stat_result, rfd: int, wfd: int) -> None:
-    mine = os.fstat(core.state_fd)
-    if (mine.st_dev, mine.st_ino) != (st.st_dev, st.st_ino):
-        raise StateError("the fds claim an id that belongs to another state file")
-    _check_pipe(rfd, wfd, (core.words[W_PIPE_DEV], core.words[W_PIPE_INO]))
-
-
 # -- the per-process registry ---------------------------------------------------------------
 
 
@@ -422,109 +407,96 @@ def _register(core: Core) -> None:
 
 
 def _register_locked(core: Core) -> None:
-    core.on_idle = _on_idle
-    _reentry.cores[id(core)] = core
+    core.on_free = _on_free
     _registry[core.ident] = core
-    _by_fileno[core.rfd] = core
+    _by_fileno[core.fds[1]] = core
+    _refs.setdefault(core, 0)
 
 
 def retain(core: Core) -> None:
     """A new handle refers to ``core``."""
     with _reg_lock:
-        core.refs += 1
+        _refs[core] += 1
 
 
 def release(core: Core) -> None:
     """A handle let go of ``core`` (explicit close): detach when it was the last one."""
     with _reg_lock:
-        core.refs -= 1
-        if core.refs > 0:
+        if core not in _refs:  # detached already (interpreter exit)
             return
-        _forget(core)
-    _finish(core)
+        _refs[core] -= 1
+        if _refs[core] > 0:
+            return
+        name = _detach_locked(core)
+    if name:
+        _after_free(name)
 
 
 def release_from_finalizer(core: Core) -> None:
-    """Like :func:`release`, from ``__del__``: never block, never take a busy lock.
+    """Like :func:`release`, from ``__del__``: never block on a lock this thread may hold.
 
-    A finalizer can run inside this thread's own critical section (any allocation may start
-    the cyclic GC), so the release is queued like a deferred write when it cannot run now
-    (design-review S3f).
+    A finalizer can run at any bytecode, also while this very thread is inside a
+    ``_reg_lock`` block (any allocation may start the cyclic GC); then the janitor does it.
     """
-    if not _reentry.inside() and _reg_lock.acquire(False):
-        try:
-            core.refs -= 1
-            last = core.refs <= 0
-            if last:
-                _forget(core)
-        finally:
-            _reg_lock.release()
-        if last:
-            _finish(core, blocking=False)
-        return
-    _reentry.defer(lambda _: release(core), 0)
-    _start_janitor()
-
-
-def _forget(core: Core) -> None:
-    core.closing = True
-    if _registry.get(core.ident) is core:
-        del _registry[core.ident]
-    if _by_fileno.get(core.rfd) is core:
-        del _by_fileno[core.rfd]
-
-
-def by_fileno(fd: int) -> Core | None:
-    """The core whose ``fileno()`` is ``fd`` in this process, if any."""
-    return _by_fileno.get(fd)
-
-
-def _on_idle(core: Core) -> None:
-    if core.closing and not core.waiters and not core.released:
-        _finish(core)
-
-
-def _finish(core: Core, blocking: bool = True) -> None:
-    """Free the process's resources once no thread waits in ``core``, then liveness-test."""
-    tl = core.tlock
-    if not tl.acquire(blocking):
-        _reentry.defer(lambda _: _finish(core), 0)
+    if not _reg_lock.acquire(False):
+        _deferred.append(core)
         _start_janitor()
         return
     try:
-        if core.released or core.waiters or not core.closing:
-            return  # the last waiter out calls _on_idle; or an attach revived it
-        core.released = True
-        if core.fast:
-            core.lockword = -1  # the next section entry goes to _claim_fast, which sees released
-        _reentry.cores.pop(id(core), None)
-        _close_resources(core)
+        name = None
+        if core in _refs:  # (not detached already, at interpreter exit)
+            _refs[core] -= 1
+            name = _detach_locked(core) if _refs[core] <= 0 else None
     finally:
-        tl.release()
+        _reg_lock.release()
+    if name:
+        _after_free(name)
+
+
+def _detach_locked(core: Core) -> str | None:
+    """Unregister and close a core no handle refers to (``_reg_lock`` held).
+
+    Returns its name if it was freed at once; else a thread of this process still waits in
+    it, keeps waiting (as on Linux), and the last call out frees it and calls ``_on_free``.
+    """
+    ident = core.ident
+    name = _names.encode(ident)
+    del _refs[core]
+    if _registry.get(ident) is core:
+        del _registry[ident]
+    fileno = core.fds[1]
+    if _by_fileno.get(fileno) is core:
+        del _by_fileno[fileno]
+    _aio.wake_all(fileno)  # no asyncio registration may outlive the fd
+    if core.close():
+        return name
+    _closing[ident] = core
+    _names_of[core] = name
+    return None
+
+
+def _on_free(core: Core) -> None:
+    """The last call in flight left a closed core and freed it (called by the C core)."""
+    with _reg_lock:
+        name = _names_of.pop(core, None)
+        for ident, closing in list(_closing.items()):
+            if closing is core:
+                del _closing[ident]
+    if name:
+        _after_free(name)
+
+
+def _after_free(name: str) -> None:
     if F.ARMED:
         F.hit("detach.closed")
-    if not liveness_test(core.name):
-        _pending.add(core.name)
+    if not liveness_test(name):
+        _pending.add(name)
         _start_janitor()
 
 
-def _close_resources(core: Core) -> None:
-    _aio.wake_all(core.rfd)  # no asyncio registration may outlive the fd
-    # Semaphores are closed only here, when no thread of ours waits on them: sem_close under
-    # a waiter unmaps its futex and crashes the interpreter (design-review L4).
-    core.sem_r.close()
-    core.sem_w.close()
-    if core.fast:
-        core.sem_m.close()
-    core.map.close()
-    for attr in ("private", "state_fd", "rfd", "wfd"):
-        fd = getattr(core, attr)
-        setattr(core, attr, -1)
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+def by_fileno(fd: int) -> Core | None:
+    """The live core whose ``fileno()`` is ``fd`` in this process, if any."""
+    return _by_fileno.get(fd)
 
 
 # -- liveness test, sweep, cleanup ----------------------------------------------------------
@@ -556,7 +528,7 @@ def liveness_test(name: str) -> bool:
 
 
 def _unlink_secondary(name: str) -> None:
-    for kind in "rwm":
+    for kind in "rw":
         _unlink(_names.sem_name(name, kind))
     _unlink(_names.lock_path(name))
 
@@ -606,7 +578,8 @@ def sweep(skip_attached: bool = True) -> list[str]:
     semaphore or lock file counts as debris only when its state file is gone (it is created
     after the state file is published and removed before it).
     """
-    attached = {core.name for core in list(_registry.values())} if skip_attached else set()
+    with _reg_lock:
+        attached = {_names.encode(i) for i in _registry} if skip_attached else set()
     removed = []
     for name, kind in sorted(set(entries())):
         if name in attached:
@@ -671,19 +644,27 @@ def _start_janitor() -> None:
 
 
 def _janitor_loop() -> None:
-    """Retest names we could not remove, and apply releases queued by finalizers.
+    """Apply releases finalizers queued, and retest names we could not remove.
 
     A ``fork`` + ``exec`` in another thread holds copies of our fds for an instant, so a
-    detach can see "in use" and nobody would test again (design-review E5).  The retest backs
-    off from 10 ms to 1 s and ends when nothing is pending.
+    detach can see "in use" and nobody would test again.  The retest backs off from 10 ms
+    to 1 s and ends when nothing is pending.
     """
     delay = 0.01
-    while _pending or _reentry.deferred:
+    while _pending or _deferred:
+        _apply_deferred()
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
-        if not _reentry.inside():
-            _reentry.drain()
         _retest_pending()
+
+
+def _apply_deferred() -> None:
+    while _deferred:
+        try:
+            core = _deferred.popleft()
+        except IndexError:
+            return
+        release(core)
 
 
 def _retest_pending() -> None:
@@ -699,17 +680,14 @@ def _retest_pending() -> None:
 def shutdown() -> None:
     """Interpreter exit (also a multiprocessing child's exit): detach everything, retest.
 
-    Cores in which a thread still waits are left alone: closing their semaphores under the
-    waiter would crash, and the process's exit releases the fds anyway.
+    Cores in which a thread still waits stay: their last call frees them, or the exit does.
     """
-    if not _reentry.inside():
-        _reentry.drain()
+    _apply_deferred()
     with _reg_lock:
-        cores = list(_registry.values())
-        for core in cores:
-            _forget(core)
-    for core in cores:
-        _finish(core, blocking=False)
+        names = [_detach_locked(core) for core in list(_registry.values())]
+    for name in names:
+        if name:
+            _after_free(name)
     _retest_pending()
 
 
@@ -719,24 +697,19 @@ def _after_fork_child() -> None:
     _janitor_lock = threading.Lock()
     _janitor = None
     _pending.clear()  # the parent retests its own names
-    _reentry.reset_after_fork()
+    _deferred.clear()
     _aio.reset_after_fork()
-    for core in list(_reentry.cores.values()):
-        if not isinstance(core, Core):
-            continue
-        if core.closing:
-            # No handle of it exists, and no thread of the child waits in it: let go of
-            # the copies now, or the child would pin the parent's locks (design-review M2).
-            core.released = True
-            _reentry.cores.pop(id(core), None)
-            _close_resources(core)
-        else:
-            core.after_fork_child()
+    # Closed cores kept only by another thread's call in flight (no such thread here): let
+    # go of their copies now, or the child would pin the parent's names.
+    for core in list(_closing.values()):
+        core.close()
+    _closing.clear()
+    _names_of.clear()
 
 
 def _install_mp_finalizer(_: object) -> None:
     # A multiprocessing fork child clears the finalizers it inherited and leaves through
-    # os._exit, skipping atexit; re-register so its exit detaches (design-review E4).
+    # os._exit, skipping atexit; re-register so its exit detaches.
     from multiprocessing import util
 
     util.Finalize(None, shutdown, exitpriority=-100)

@@ -18,7 +18,7 @@ ID_LEN = 22
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 # Every file that belongs to some eventfd in the state directory, by kind.
 FILE_RE = re.compile(r"mpefd-([A-Za-z0-9_-]{22})(|\.lock|\.tmp)")
-SEM_FILE_RE = re.compile(r"sem\.mpefd-([A-Za-z0-9_-]{22})-([rwm])")
+SEM_FILE_RE = re.compile(r"sem\.mpefd-([A-Za-z0-9_-]{22})-([rw])")
 
 
 def new_id() -> bytes:
@@ -47,8 +47,7 @@ def lock_path(name: str) -> str:
 
 
 def sem_name(name: str, kind: str) -> str:
-    """The semaphore for blocked readers (``kind='r'``), writers (``'w'``), or the fast
-    mutex (``'m'``)."""
+    """The semaphore for blocked readers (``kind='r'``) or writers (``'w'``)."""
     full = f"/{PREFIX}{name}-{kind}"
     assert len(full.encode()) <= SEM_NAME_MAX
     return full

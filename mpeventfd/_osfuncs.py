@@ -47,6 +47,6 @@ def _resolve(fd: EventFD | int) -> EventFD:
     if fd < 0:
         raise ValueError("file descriptor cannot be a negative integer")
     core = _lifecycle.by_fileno(fd)
-    if core is None or core.closing:
+    if core is None or core.closed:
         raise oserror(errno.EBADF, f"fd {fd} is not the fileno() of a live EventFD")
     return EventFD._from_core(core, owner=False)

@@ -11,16 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TextIO
 
-from . import _lifecycle, _names
-from ._state import (
-    HEADER_WORDS,
-    MAGIC,
-    SIZE,
-    W_COUNTER,
-    W_FLAGS,
-    W_MAGIC,
-    W_NONBLOCK,
-)
+from . import _core, _lifecycle, _names
 
 
 @dataclass(frozen=True)
@@ -77,13 +68,13 @@ def inspect(name: str, pids: set[int]) -> Info:
     except OSError:
         return Info(name, None, "gone", tuple(sorted(pids)))
     try:
-        if os.fstat(fd).st_size == SIZE:
-            words = memoryview(os.pread(fd, HEADER_WORDS * 8, 0)).cast("Q")
-            if words[W_MAGIC] == MAGIC:
-                counter = int(words[W_COUNTER])
-                names = ["EFD_SEMAPHORE"] if words[W_FLAGS] & 1 else []
-                names += ["EFD_NONBLOCK"] if words[W_NONBLOCK] else []
-                flags = "|".join(names) or "0"
+        header = _core.read_header(fd)
+        counter = int(header["counter"])
+        names = ["EFD_SEMAPHORE"] if header["semaphore"] else []
+        names += ["EFD_NONBLOCK"] if header["nonblock"] else []
+        flags = "|".join(names) or "0"
+    except (OSError, ValueError):
+        pass  # foreign, torn or corrupt: shown as unknown
     finally:
         os.close(fd)
     return Info(name, counter, flags, tuple(sorted(pids)))

@@ -52,7 +52,7 @@ def _reduce(efd: EventFD) -> tuple[Any, tuple[Any, ...]]:
     ``SCM_RIGHTS`` when the receiver unpickles.
     """
     core = efd._live()
-    dups = [reduction.DupFd(fd) for fd in (core.state_fd, core.rfd, core.wfd)]
+    dups = [reduction.DupFd(fd) for fd in core.fds]
     return _rebuild, (MSG_VERSION, core.ident, *dups)
 
 
@@ -95,7 +95,7 @@ def send_eventfd(sock: socket.socket, efd: EventFD) -> None:
         raise TypeError(f"efd must be an EventFD, not {type(efd).__name__}")
     core = efd._live()
     header = _HEADER.pack(MSG_MAGIC, MSG_VERSION, NFDS, core.ident)
-    rights = array.array("i", (core.state_fd, core.rfd, core.wfd)).tobytes()
+    rights = array.array("i", core.fds).tobytes()
     sent = sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
     if sent < len(header):
         sock.sendall(header[sent:])  # a stream socket may take the bytes in pieces
@@ -123,6 +123,9 @@ def recv_eventfd(sock: socket.socket) -> EventFD:
     msg, ancdata, flags, _ = sock.recvmsg(want, _CMSG_ROOM, PLATFORM.cmsg_cloexec)
     fds = _collect_fds(ancdata)
     try:
+        if not PLATFORM.cmsg_cloexec:  # (no MSG_CMSG_CLOEXEC: close the window at once)
+            for fd in fds:
+                os.set_inheritable(fd, False)
         if not msg and not fds:
             if sock.type == socket.SOCK_DGRAM:
                 raise StateError("empty datagram: not an mpeventfd message")
@@ -176,7 +179,11 @@ def _recv_rest(sock: socket.socket, n: int, fds: list[int]) -> bytes:
             raise StateError(f"the rest of the message did not arrive within {limit:g} s")
         chunk, ancdata, _, _ = sock.recvmsg(n - len(data), _CMSG_ROOM,
                                             PLATFORM.cmsg_cloexec | socket.MSG_DONTWAIT)
-        fds += _collect_fds(ancdata)
+        more = _collect_fds(ancdata)
+        fds += more
+        if not PLATFORM.cmsg_cloexec:
+            for fd in more:
+                os.set_inheritable(fd, False)
         if not chunk:
             raise StateError("the peer closed the connection inside the message")
         data += chunk

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from mpeventfd import _lifecycle, _names
+from mpeventfd._probe import PLATFORM
 
 # Figures the reliability tests produce, printed at the end of the run (README "Reliability").
 FIGURES: dict[str, list[float]] = {}
@@ -34,11 +35,18 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
 
 
-@pytest.fixture(params=["fast", "kernel"])
+@pytest.fixture(params=["robust", "byte"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test once per mutex backend (eventfds created inside it use that backend)."""
+    """Run a test once per lock kind: the robust mutex, and the kernel byte lock.
+
+    Eventfds created inside the test use that kind (fork children inherit the choice).
+    Where robust mutexes do not exist (or MPEVENTFD_PORTABLE forces the macOS paths) only
+    the byte lock runs.
+    """
     name: str = request.param
-    monkeypatch.setattr(_lifecycle, "default_backend", _lifecycle.BACKENDS[name])
+    if name == "robust" and not PLATFORM.robust_mutex:
+        pytest.skip("no robust mutexes here")
+    monkeypatch.setattr(_lifecycle, "default_mutex", _lifecycle.LOCK_KINDS[name])
     return name
 
 

@@ -132,3 +132,41 @@ class LineReader:
 forks_beside_threads = pytest.mark.filterwarnings(
     r"ignore:This process \(pid=\d+\) is multi-threaded:DeprecationWarning"
 )
+
+
+def stats(efd: Any) -> dict[str, int]:
+    """The shared accounting words of an open eventfd (waiters, posts, dirty, ...)."""
+    core = efd._core
+    assert core is not None
+    result: dict[str, int] = core.stats()
+    return result
+
+
+def shared_word(efd: Any, field: str, value: int | None = None) -> int:
+    """Read (or overwrite) one word of the shared page, as a foreign process could.
+
+    ``field`` names an ``OFFSET_*`` of ``mpeventfd._core``.  Goes through the state file,
+    whose pages the kernel shares with every mapping of it.
+    """
+    from mpeventfd import _core
+
+    offset = getattr(_core, f"OFFSET_{field.upper()}")
+    fd = efd.fds[0]
+    old = int.from_bytes(os.pread(fd, 8, offset), sys.byteorder)
+    if value is not None:
+        os.pwrite(fd, value.to_bytes(8, sys.byteorder), offset)
+    return old
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait (bounded) until ``cond()`` holds: a registration count, a process state."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.002)
+
+
+def sleeping(pid: int) -> bool:
+    """True while ``pid``'s main thread sleeps (state S in proc_pid_stat(5))."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "S"

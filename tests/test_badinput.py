@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from conftest import mpefd_entries, open_fds, record
-from helpers import python
+from helpers import python, shared_word
 from mpeventfd import (
     MAX_VALUE,
     EventFD,
@@ -25,20 +25,7 @@ from mpeventfd import (
     recv_eventfd,
     send_eventfd,
 )
-from mpeventfd._state import (
-    NSLOTS,
-    SIZE,
-    W_BACKEND,
-    W_COUNTER,
-    W_DIRTY,
-    W_FLAGS,
-    W_HWM,
-    W_MAGIC,
-    W_NONBLOCK,
-    W_NSLOTS,
-    W_SIZE,
-    W_VERSION,
-)
+from mpeventfd._core import NSLOTS, SIZE
 
 
 @pytest.fixture
@@ -109,19 +96,14 @@ def test_every_public_entry_point_refuses_bad_arguments(efd: EventFD) -> None:
 
 
 @pytest.mark.parametrize(
-    ("word", "value"),
-    [(W_MAGIC, 0xDEADBEEF), (W_VERSION, 99), (W_SIZE, SIZE * 2), (W_NSLOTS, 5),
-     (W_FLAGS, 7), (W_NONBLOCK, 5), (W_DIRTY, 9), (W_COUNTER, 2**64 - 1),
-     (W_HWM, NSLOTS + 1), (W_BACKEND, 9)],
-    ids=["magic", "version", "size", "nslots", "flags", "nonblock", "dirty", "counter",
-         "slots-hwm", "backend"],
+    ("field", "value"),
+    [("magic", 0xDEADBEEF), ("version", 99), ("nslots", 5), ("semaphore", 7),
+     ("nonblock", 5), ("dirty", 9), ("armed", 2), ("counter", 2**64 - 1),
+     ("hwm", NSLOTS + 1), ("mutex_kind", 9), ("carrier", 0)],
 )
-def test_a_corrupted_header_is_refused_on_attach(word: int, value: int) -> None:
+def test_a_corrupted_header_is_refused_on_attach(field: str, value: int) -> None:
     with EventFD(0) as efd:
-        core = efd._core
-        assert core is not None
-        original = core.words[word]
-        core.words[word] = value
+        original = shared_word(efd, field, value)
         try:
             efd.set_inheritable(True)
             out = python(textwrap.dedent(
@@ -134,7 +116,7 @@ def test_a_corrupted_header_is_refused_on_attach(word: int, value: int) -> None:
                     print("refused:", e)
                 """), efd.handle, pass_fds=efd.fds)
         finally:
-            core.words[word] = original
+            shared_word(efd, field, original)
         assert out.returncode == 0, out.stderr
         assert "refused:" in out.stdout
         record("bad inputs refused", 1)
@@ -142,9 +124,7 @@ def test_a_corrupted_header_is_refused_on_attach(word: int, value: int) -> None:
 
 def test_a_state_file_of_the_wrong_size_is_refused() -> None:
     with EventFD(0) as efd:
-        core = efd._core
-        assert core is not None
-        os.ftruncate(core.state_fd, SIZE + 4096)
+        os.ftruncate(efd.fds[0], SIZE + 4096)
         try:
             efd.set_inheritable(True)
             out = python("import sys\nfrom mpeventfd import from_handle\n"
@@ -152,22 +132,20 @@ def test_a_state_file_of_the_wrong_size_is_refused() -> None:
                          "except ValueError as e:\n    print('refused:', e)\n",
                          efd.handle, pass_fds=efd.fds)
         finally:
-            os.ftruncate(core.state_fd, SIZE)
+            os.ftruncate(efd.fds[0], SIZE)
         assert "refused:" in out.stdout, out.stderr
 
 
 def test_a_counter_corrupted_at_run_time_gives_stateerror() -> None:
     with EventFD(0, 0) as efd:
-        core = efd._core
-        assert core is not None
-        core.words[W_COUNTER] = 2**64 - 1  # only a foreign writer could put this here
+        shared_word(efd, "counter", 2**64 - 1)  # only a foreign writer could put this here
         try:
             for call in (efd.read, efd.peek, lambda: efd.write(1, timeout=0.1)):
                 with pytest.raises(StateError):
                     call()
                 record("bad inputs refused", 1)
         finally:
-            core.words[W_COUNTER] = 0
+            shared_word(efd, "counter", 0)
         efd.write(1)
         assert efd.read() == 1
 

@@ -8,15 +8,14 @@ import os
 import pytest
 
 from conftest import mpefd_entries, open_fds
-from mpeventfd import EventFD, _faults, _lifecycle
+from mpeventfd import EventFD, _core, _faults
 from mpeventfd._probe import PLATFORM
 
-# The steps this configuration goes through: the mutex semaphore only with the fast mutex,
-# the lock file only where there are no OFD locks.
+# The steps this configuration goes through: the lock file only where the byte locks live
+# on one (no OFD locks).
 CREATE_STEPS = [
-    s for s in _faults.STEPS if s.startswith("create.")
-    and (s != "create.sem_m" or _lifecycle.default_backend == 1)
-    and (s != "create.lockfile" or not PLATFORM.ofd_locks)
+    s for s in _faults.PY_STEPS if s.startswith("create.")
+    and (s != "create.lockfile" or PLATFORM.carrier == _core.CARRIER_FILE)
 ]
 
 

@@ -18,21 +18,35 @@ from collections.abc import Callable
 import pytest
 
 from conftest import mpefd_entries
-from helpers import FORK, finish, python, reaped
-from mpeventfd import EventFD, _lifecycle, _names, from_handle, recv_eventfd, send_eventfd
+from helpers import (
+    FORK,
+    finish,
+    fork_child,
+    forks_beside_threads,
+    python,
+    reap,
+    reaped,
+    stats,
+    wait_until,
+)
+from mpeventfd import EventFD, _core, _lifecycle, _names, from_handle, recv_eventfd, send_eventfd
 from mpeventfd._probe import PLATFORM
+
+LOCK_FILE = PLATFORM.carrier == _core.CARRIER_FILE
+
+
+def name_of(efd: EventFD) -> str:
+    return efd.handle.split(":")[1]
 
 
 def names_of(efd: EventFD) -> set[str]:
-    """The state file and the semaphores (``-m`` only with the fast mutex)."""
-    core = efd._core
-    assert core is not None
-    kinds = "rwm" if core.fast else "rw"
-    lock = set() if PLATFORM.ofd_locks else {f"{core.name}.lock"}
-    return {core.name} | {f"{core.name}-{k}" for k in kinds} | lock
+    """The state file, the two semaphores, and the lock file where locks live on one."""
+    name = name_of(efd)
+    lock = {f"{name}.lock"} if LOCK_FILE else set()
+    return {name} | {f"{name}-{k}" for k in "rw"} | lock
 
 
-NAMES_PER_EVENTFD = (4 if _lifecycle.default_backend == 1 else 3) + (not PLATFORM.ofd_locks)
+NAMES_PER_EVENTFD = 3 + LOCK_FILE
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -72,10 +86,8 @@ def test_owner_only_mode_on_every_named_object() -> None:
     old = os.umask(0)
     try:
         with EventFD() as efd:
-            core = efd._core
-            assert core is not None
-            paths = [_names.state_path(core.name)]
-            paths += [_names.sem_file(core.name, k) for k in ("rwm" if core.fast else "rw")]
+            paths = [_names.state_path(name_of(efd))]
+            paths += [_names.sem_file(name_of(efd), k) for k in "rw"]
             for path in paths:
                 st = os.stat(path)
                 assert stat.S_IMODE(st.st_mode) == 0o600, path
@@ -234,8 +246,6 @@ def test_cleanup_never_removes_an_object_held_elsewhere() -> None:
 def test_ls_shows_a_live_object_and_its_pids() -> None:
     r, w = os.pipe()
     with EventFD(7) as efd:
-        core = efd._core
-        assert core is not None
         p = FORK.Process(target=os.read, args=(r, 1))
         p.start()
         with reaped(p):
@@ -243,7 +253,7 @@ def test_ls_shows_a_live_object_and_its_pids() -> None:
                                  capture_output=True, text=True, timeout=60)
             os.write(w, b"x")
             assert finish(p) == 0
-        line = next(x for x in out.stdout.splitlines() if x.startswith(core.name))
+        line = next(x for x in out.stdout.splitlines() if x.startswith(name_of(efd)))
         assert " 7 " in f" {line} "
         assert str(os.getpid()) in line
         assert str(p.pid) in line
@@ -254,13 +264,12 @@ def test_ls_shows_a_live_object_and_its_pids() -> None:
 def test_names_removed_from_outside_are_never_recreated() -> None:
     """systemd RemoveIPC: live handles keep working; new attaches fail clearly."""
     with EventFD() as efd:
-        core = efd._core
-        assert core is not None
-        for kind in "rwm" if core.fast else "rw":
-            os.unlink(_names.sem_file(core.name, kind))
-        os.unlink(_names.state_path(core.name))
-        if not PLATFORM.ofd_locks:
-            os.unlink(_names.lock_path(core.name))
+        name = name_of(efd)
+        for kind in "rw":
+            os.unlink(_names.sem_file(name, kind))
+        os.unlink(_names.state_path(name))
+        if LOCK_FILE:
+            os.unlink(_names.lock_path(name))
         efd.write(2)
         assert efd.read() == 2
         efd.set_inheritable(True)
@@ -310,3 +319,121 @@ def test_sigkilled_holders_never_block_others() -> None:
             p.join(10)
         efd.write(1)
         assert efd.read() == 1
+
+
+# -- close and revival while a thread still waits -------------------------------------------
+
+
+def test_close_from_another_thread_while_one_blocks_in_read() -> None:
+    """The waiting thread keeps the resources it uses until it leaves (closing a semaphore
+    under a waiter once crashed the interpreter)."""
+    efd = EventFD(0)
+    got: list[object] = []
+
+    def reader() -> None:
+        try:
+            got.append(efd.read(timeout=2))
+        except BaseException as e:
+            got.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    wait_until(lambda: stats(efd)["waiting_r"] == 1)
+    handle = efd.handle
+    efd.set_inheritable(True)
+    fds = efd.fds
+    attach = "import sys\nfrom mpeventfd import from_handle\nfrom_handle(sys.argv[1]).write(7)\n"
+    out = python(attach, handle, pass_fds=fds)
+    efd.close()
+    assert out.returncode == 0, out.stderr
+    t.join(10)
+    assert got == [7] or isinstance(got[0], TimeoutError)
+
+
+def test_an_attach_revives_a_closing_core_instead_of_building_a_second() -> None:
+    """One core (one private description) per process and eventfd: classic fcntl locks
+    belong to the process, and a second description would drop the first one's."""
+    a, b = socket.socketpair()
+    efd = EventFD(0)
+    core = efd._core
+    assert core is not None
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(efd.read(timeout=10)))
+    t.start()
+    wait_until(lambda: stats(efd)["waiting_r"] == 1)
+    send_eventfd(a, efd)
+    efd.close()  # the core is closed, but a thread still waits in it
+    assert core.closed
+    assert not core.freed
+    again = recv_eventfd(b)
+    assert again._core is core
+    assert not getattr(core, "closed")  # (revived)  # noqa: B009
+    again.write(3)
+    t.join(10)
+    assert got == [3]  # the thread that waited through the close and revival got it
+    again.close()
+    a.close()
+    b.close()
+
+
+@forks_beside_threads
+def test_a_fork_child_lets_go_of_a_closed_cores_fds() -> None:
+    """A core kept only by another thread's call: the child has no such thread, so it
+    closes its copies at once (else it would pin the parent's names)."""
+    efd = EventFD(0)
+    core = efd._core
+    assert core is not None
+    pipe = os.fstat(efd.fileno())
+    t = threading.Thread(target=lambda: efd.read(timeout=5))
+    t.start()
+    wait_until(lambda: stats(efd)["waiting_r"] == 1)
+    efd.close()
+    assert core.closed
+    assert not core.freed
+
+    def child() -> int:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                st = os.stat(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (pipe.st_dev, pipe.st_ino):
+                return 1  # a copy of the pipe (an end, or the private description)
+        return 0
+
+    assert reap(fork_child(child)) == 0
+    writer = EventFD._from_core(core, owner=False)  # write through the core the waiter uses
+    core.reopen()
+    writer.write(1)
+    core.close()
+    t.join(10)
+
+
+FINALIZER_UNDER_LOCK = textwrap.dedent(
+    """
+    import gc, socket
+    from mpeventfd import EventFD, recv_eventfd, send_eventfd, _lifecycle
+    real = _lifecycle._check_kind
+    def check_then_collect(*args):
+        real(*args)
+        gc.collect()  # the cyclic GC runs here, with the registry lock held
+    _lifecycle._check_kind = check_then_collect
+    garbage = [EventFD()]
+    garbage.append(garbage)
+    del garbage
+    a, b = socket.socketpair()
+    keep = EventFD()
+    send_eventfd(a, keep)
+    keep.close()
+    got = recv_eventfd(b)
+    got.write(1)
+    assert got.read() == 1
+    got.close()
+    print("no deadlock")
+    """
+)
+
+
+def test_a_finalizer_under_the_registry_lock_does_not_deadlock() -> None:
+    out = python(FINALIZER_UNDER_LOCK, timeout=30)
+    assert "no deadlock" in out.stdout, out.stderr

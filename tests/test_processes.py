@@ -10,7 +10,18 @@ import time
 
 import pytest
 
-from helpers import FORK, finish, fork_child, forks_beside_threads, reap, reaped, start
+from helpers import (
+    FORK,
+    finish,
+    fork_child,
+    forks_beside_threads,
+    reap,
+    reaped,
+    sleeping,
+    start,
+    stats,
+    wait_until,
+)
 from mpeventfd import EFD_NONBLOCK, EFD_SEMAPHORE, EventFD, _faults
 
 WRITES_PER_THREAD = 2000
@@ -114,32 +125,27 @@ def test_r41_nonblocking_mode_set_in_child_is_seen_by_parent() -> None:
 def test_fork_while_another_thread_is_inside_an_operation() -> None:
     """A thread holds the mutex (paused inside write()); fork; the child must still work."""
     with EventFD(0) as efd:
-        inside = threading.Event()
-        release = threading.Event()
-
-        def hold(step: str) -> None:
-            inside.set()
-            release.wait(20)
-
-        _faults.arm("write.commit", hold)
+        go_r, go_w = os.pipe()
+        _faults.arm("write.dirty", f"block:{go_r}")  # a 0 -> 5 write, held with the lock
         t = threading.Thread(target=efd.write, args=(5,))
         t.start()
         try:
-            assert inside.wait(10)
+            wait_until(lambda: stats(efd)["dirty"] == 1)
 
             def child() -> int:
                 efd.write(1)  # waits for the parent thread to leave, then proceeds
                 return 0
 
             pid = fork_child(child)
-            time.sleep(0.2)  # the child is now blocked on the mutex, not on anything we hold
-            release.set()
+            wait_until(lambda: sleeping(pid))  # blocked on the lock, not on anything of ours
+            os.write(go_w, b"x")
             t.join(10)
             assert reap(pid) == 0
         finally:
-            release.set()
+            os.close(go_w)
             _faults.disarm()
             t.join(10)
+            os.close(go_r)
         assert efd.read(timeout=5) == 6
 
 

@@ -580,3 +580,34 @@ def test_timed_out_areads_leave_no_registration_behind(run: Runner) -> None:
         for _ in range(3):
             run(main)
         assert not [key for key in _aio._REGISTERED if key[1] == efd.fileno()]
+
+
+# -- the pipe behind fileno(), when users or dead processes meddle with it ------------------
+
+
+def test_a_user_who_makes_the_pipe_blocking_and_reads_it_cannot_hang_us() -> None:
+    """fileno()'s description is shared with the user; the library drains through a
+    description of its own (or by FIONREAD), so a drain can never block."""
+    with EventFD(0) as efd:
+        efd.write(3)
+        os.set_blocking(efd.fileno(), True)  # shared description: affects the library too
+        assert os.read(efd.fileno(), 1)  # a user drains the byte behind our back
+        assert efd.read(timeout=1) == 3  # must not block while draining
+        efd.write(1)  # 0 -> n writes the byte again: readiness is repaired
+        assert bool(select.select([efd], [], [], 0)[0])
+        assert efd.read(timeout=1) == 1
+        assert not select.select([efd], [], [], 0)[0]
+
+
+@pytest.mark.parametrize("extra", [63, 64, 5000])
+def test_a_read_drains_a_pipe_holding_more_than_one_byte(extra: int) -> None:
+    """Bytes beyond the usual one (left by a dead process, or written by someone holding
+    the write end) are all drained by the n -> 0 read.  (Once only 64 bytes were.)"""
+    with EventFD(0) as efd:
+        os.write(efd.fds[2], b"\x01" * extra)
+        efd.write(2)
+        assert efd.read(timeout=1) == 2
+        assert not select.select([efd], [], [], 0)[0]
+        efd.write(1)  # and readiness still follows the counter afterwards
+        assert select.select([efd], [], [], 0)[0]
+        assert efd.read(timeout=1) == 1

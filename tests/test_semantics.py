@@ -6,6 +6,7 @@ import errno
 import os
 import pickle
 import select
+import threading
 import time
 from collections.abc import Callable
 
@@ -311,3 +312,24 @@ def test_readiness_follows_counter() -> None:
         assert not readable(efd)
         # The read end never reports writability (linux-eventfd-semantics C3).
         assert select.select([], [efd.fileno()], [], 0)[1] == []
+
+
+def test_a_borrowed_handle_racing_close_gets_ebadf() -> None:
+    """eventfd_read(fileno) borrows the handle; once the owner closes, calls give EBADF."""
+    efd = EventFD(1)
+    core = efd._core
+    assert core is not None
+    borrowed = EventFD._from_core(core, owner=False)
+    efd.close()
+    for call in (borrowed.read, lambda: borrowed.write(1), borrowed.peek, borrowed.fileno):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
+
+
+def test_an_infinite_timeout_waits_for_ever() -> None:
+    with EventFD(0) as efd:
+        efd.write(2)
+        assert efd.read(timeout=float("inf")) == 2
+        threading.Timer(0.1, efd.write, (1,)).start()
+        assert efd.read(timeout=1e300) == 1

@@ -1,25 +1,32 @@
-"""Signals (SPEC §2, §5.6, §5.7): handlers that write, interrupt, or return normally."""
+"""Signals: handlers that write, read, interrupt, or return normally.
+
+Handlers run between bytecodes, never inside a C call, so a handler's ``write()`` or
+``read()`` is an ordinary call, and a handler's exception propagates with nothing consumed
+or added (docs/design.md, "Signals").
+"""
 
 from __future__ import annotations
 
 import os
+import random
+import select
 import signal
+import sys
 import threading
 import time
 from types import FrameType
 
 import pytest
 
-from crashkit import wait_until
-from helpers import fork_child, reap
-from mpeventfd import MAX_VALUE, EventFD
-from mpeventfd._state import W_WR, W_WW
+from crashkit import readiness_matches
+from helpers import LineReader, fork_child, reap, sleeping, stats, wait_until
+from mpeventfd import EFD_SEMAPHORE, MAX_VALUE, EventFD, _faults
+
+W_WR, W_WW = "waiting_r", "waiting_w"
 
 
-def waiters(efd: EventFD, word: int) -> int:
-    core = efd._core
-    assert core is not None
-    return int(core.words[word])
+def waiters(efd: EventFD, word: str) -> int:
+    return stats(efd)[word]
 
 
 def test_handler_writes_while_main_thread_is_inside_write(backend: str) -> None:
@@ -184,3 +191,179 @@ def test_main_thread_handler_exception_is_not_swallowed(backend: str) -> None:
         finally:
             signal.signal(signal.SIGUSR1, old)
         assert waiters(efd, W_WR) == 0
+
+
+def test_a_handlers_write_wakes_the_read_it_interrupted(backend: str) -> None:
+    """The main thread blocks in read(); a timer's handler writes: that read returns it.
+    (It once had to be deferred, and needed the wait step to end first.)"""
+    with EventFD(0) as efd:
+        old = signal.signal(signal.SIGALRM, lambda *a: efd.write(7))
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            t0 = time.monotonic()
+            assert efd.read(timeout=10) == 7
+            assert time.monotonic() - t0 < 0.5
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+
+def test_a_handler_reads_while_the_thread_it_interrupted_is_blocked_in_read(
+    backend: str,
+) -> None:
+    """Semaphore mode: the handler takes one token, the interrupted read the other.
+
+    (read() from a handler once raised RuntimeError.)"""
+    with EventFD(0, EFD_SEMAPHORE) as efd:
+        got: list[int] = []
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            efd.write(2)
+            got.append(efd.read(timeout=5))
+
+        old = signal.signal(signal.SIGALRM, handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            got.append(efd.read(timeout=10))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        assert got == [1, 1]
+        assert efd.peek() == 0
+
+
+def _interrupted_loop(efd: EventFD, stop: int, out: int) -> int:
+    """write(1) and read() as fast as possible; count what completed and what was hit.
+
+    The handler raises KeyboardInterrupt only while a call is under way (just before or
+    just after it), where a user's Ctrl-C would land; elsewhere, in this loop's own
+    bookkeeping, it only counts, so that the loop itself cannot be broken.
+    """
+    done = {"w": 0, "r": 0, "hit": 0}
+    inside = [False]
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if inside[0]:
+            done["hit"] += 1
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    os.write(out, b"ready\n")
+    while not select.select([stop], [], [], 0)[0]:
+        try:
+            inside[0] = True
+            efd.write(1)
+            inside[0] = False
+            done["w"] += 1
+            inside[0] = True
+            efd.read(timeout=0)
+            inside[0] = False
+            done["r"] += 1
+        except (KeyboardInterrupt, BlockingIOError):
+            inside[0] = False
+    os.write(out, f"{done['w']} {done['r']} {done['hit']}\n".encode())
+    return 0
+
+
+def test_300_sigints_in_tight_loops_leave_nothing_locked_or_half_applied(backend: str) -> None:
+    """Two processes write and read in tight loops while 300 SIGINTs hit them.
+
+    A KeyboardInterrupt can only arrive before a call starts or after it returned, so the
+    only uncertainty is a count the loop did not record (one per interrupt); the state
+    itself is never half applied: no lock left held, no registration, readiness exact.
+    """
+    rng = random.Random(20261201)
+    stop_r, stop_w = os.pipe()
+    lines = LineReader()
+    with EventFD(0, EFD_SEMAPHORE) as efd:
+        pids = [fork_child(lambda: _interrupted_loop(efd, stop_r, lines.w)) for _ in range(2)]
+        assert [lines.line() for _ in pids] == ["ready", "ready"]
+        try:
+            for i in range(300):
+                time.sleep(rng.uniform(0.0002, 0.002))  # a random moment, not an ordering
+                os.kill(pids[i % 2], signal.SIGINT)
+        finally:
+            os.write(stop_w, b"x")
+        for pid in pids:
+            assert reap(pid, 30) == 0
+        rows = [tuple(map(int, lines.line().split())) for _ in pids]
+        assert reap(fork_child(lambda: efd.write(0, timeout=1))) == 0  # nothing locked
+        written = sum(r[0] for r in rows)
+        read = sum(r[1] for r in rows)
+        hits = sum(r[2] for r in rows)
+        assert hits > 0
+        assert abs(efd.peek() - (written - read)) <= hits
+        assert readiness_matches(efd)
+        assert stats(efd)["dirty"] == 0
+        assert stats(efd)["waiting_r"] == stats(efd)["waiting_w"] == 0
+    os.close(stop_r)
+    os.close(stop_w)
+    lines.close()
+
+
+def test_sys_exit_in_a_sigterm_handler_ends_a_blocked_read(backend: str) -> None:
+    """A handler's SystemExit propagates out of a blocked read, at once."""
+    with EventFD(0) as efd:
+        def child() -> int:
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
+            try:
+                efd.read()
+            except SystemExit as e:
+                return int(e.code or 0)
+            return 1
+        pid = fork_child(child)
+        wait_until(lambda: waiters(efd, W_WR) == 1)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        assert reap(pid) == 3
+        assert time.monotonic() - t0 < 0.5
+
+
+def test_keyboardinterrupt_while_waiting_for_the_lock_never_frees_anothers(
+    backend: str,
+) -> None:
+    """Thread B holds the lock (held inside its write); Ctrl-C hits the main thread while
+    it waits for it.  The lock stays B's: a probe process cannot get it meanwhile."""
+    ready_r, ready_w = os.pipe()  # child -> parent: "B" (inside), "K" (interrupted)
+    go_r, go_w = os.pipe()  # parent -> child main thread: contend now
+    free_r, free_w = os.pipe()  # parent -> thread B: leave the section
+    with EventFD(0) as efd:
+        def child() -> int:
+            _faults.arm("write.dirty", f"block:{free_r}")
+            b = threading.Thread(target=efd.write, args=(1,))
+            b.start()
+            wait_until(lambda: stats(efd)["dirty"] == 1)
+            os.write(ready_w, b"B")
+            try:
+                os.read(go_r, 1)
+                efd.write(10)  # waits for B's lock
+            except KeyboardInterrupt:
+                os.write(ready_w, b"K")
+            b.join(20)
+            return 0
+        pid = fork_child(child)
+        try:
+            assert _read_byte(ready_r) == b"B"
+            os.write(go_w, b"x")
+            wait_until(lambda: sleeping(pid))  # the main thread waits for the lock
+            os.kill(pid, signal.SIGINT)
+            assert _read_byte(ready_r) == b"K"
+            with pytest.raises(TimeoutError):
+                efd.write(100, timeout=0.3)  # B still holds the lock
+            os.write(free_w, b"x")
+            assert reap(pid) == 0
+        finally:
+            os.write(free_w, b"x")
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        assert efd.read(timeout=1) == 1
+    for fd in (ready_r, ready_w, go_r, go_w, free_r, free_w):
+        os.close(fd)
+
+
+def _read_byte(fd: int) -> bytes:
+    assert select.select([fd], [], [], 20)[0], "the child did not answer in time"
+    return os.read(fd, 1)

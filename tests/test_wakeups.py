@@ -5,29 +5,20 @@ from __future__ import annotations
 import functools
 import os
 import select
+import signal
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
-from helpers import FORK, finish, reaped, start
-from mpeventfd import EFD_SEMAPHORE, MAX_VALUE, EventFD, _wake
-from mpeventfd._state import W_PR, W_WR, W_WW
+from helpers import FORK, finish, fork_child, reap, reaped, start, stats, wait_until
+from mpeventfd import EFD_SEMAPHORE, MAX_VALUE, EventFD
+
+W_PR, W_WR, W_WW = "posted_r", "waiting_r", "waiting_w"
 
 
-def header(efd: EventFD, word: int) -> int:
-    core = efd._core
-    assert core is not None
-    return int(core.words[word])
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.002)
+def header(efd: EventFD, word: str) -> int:
+    return stats(efd)[word]
 
 
 class Readers:
@@ -81,32 +72,25 @@ def test_r29_normal_write_10_gives_everything_to_one_of_4() -> None:
         assert sorted(readers.results) == [1, 1, 1, 10]
 
 
-def test_precise_wakeups_8_threads_write_3_consumes_exactly_3_posts(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    consumed = []
-    real_step = _wake.wait_step
-
-    def counting_step(sem: object, seconds: float) -> bool:
-        got = real_step(sem, seconds)  # type: ignore[arg-type]
-        if got:
-            consumed.append(1)
-        return got
-
-    monkeypatch.setattr(_wake, "wait_step", counting_step)
+def test_precise_wakeups_8_threads_write_3_consumes_exactly_3_posts() -> None:
     with EventFD(0, EFD_SEMAPHORE) as efd:
+        start = stats(efd)["woken"]
+
+        def consumed() -> list[int]:
+            return [1] * (stats(efd)["woken"] - start)
+
         readers = Readers(efd, 8)
         wait_until(lambda: header(efd, W_WR) == 8)
         efd.write(3)
         wait_until(lambda: len(readers.results) == 3)
         time.sleep(0.6)
         # Exactly three posts were made and consumed; the other five never woke for one.
-        assert len(consumed) == 3
+        assert len(consumed()) == 3
         assert len(readers.results) == 3
         wait_until(lambda: header(efd, W_WR) == 5 and header(efd, W_PR) == 0)
         efd.write(5)
         readers.join()
-        assert len(consumed) == 8
+        assert len(consumed()) == 8
 
 
 def _proc_reader(efd: EventFD, w: int) -> None:
@@ -183,3 +167,94 @@ def test_no_lost_wakeup_in_10000_alternations(semaphore: bool) -> None:
 
 def test_fork_context_is_the_default_helper() -> None:
     assert FORK.get_start_method() == "fork"
+
+
+# -- the wake-up channel under stops, deaths and mixed waiters ------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_stopped_registered_reader_does_not_pile_up_posts(backend: str) -> None:
+    """Posts are level-triggered: 10,000 writes for one stopped reader make one post.
+    (Edge-triggered posting once piled up a post per write.)"""
+    with EventFD(0) as efd:
+        pid = fork_child(lambda: 0 if efd.read(timeout=30) else 1)
+        wait_until(lambda: header(efd, W_WR) == 1)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(10_000):
+                efd.write(1)
+            assert stats(efd)["sem_r"] <= 1  # one post for one registered reader
+            assert header(efd, W_PR) <= 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert reap(pid) == 0
+        # A later blocked read waits without spinning on stray posts.
+        waiter = fork_child(lambda: efd.read(timeout=1.5) and 0)
+        wait_until(lambda: header(efd, W_WR) == 1)
+        time.sleep(1.0)  # (measuring what it costs to wait, not ordering anything)
+        assert _cpu_seconds(waiter) < 0.2
+        efd.write(1)
+        assert reap(waiter) == 0
+
+
+def test_readers_and_writers_never_steal_each_others_posts(backend: str) -> None:
+    """Readers and writers sleep on separate semaphores: a read that makes room wakes the
+    writer at once, and the writer's commit wakes the reader at once."""
+    with EventFD(10) as efd:
+        events: dict[str, float] = {}
+
+        def writer() -> None:
+            efd.write(2**64 - 11, timeout=20)  # needs counter <= 9
+            events["writer"] = time.monotonic()
+
+        def reader() -> None:
+            events["reader"] = time.monotonic() if efd.read(timeout=20) else 0.0
+
+        w = threading.Thread(target=writer)
+        w.start()
+        wait_until(lambda: header(efd, W_WW) == 1)
+        assert efd.read() == 10  # the writer becomes eligible
+        eligible = time.monotonic()
+        r = threading.Thread(target=reader)
+        r.start()  # blocks at 0 or reads the writer's value, whichever comes first
+        w.join(20)
+        r.join(20)
+        assert events["writer"] - eligible < 0.05
+        assert events["reader"] - events["writer"] < 0.05
+        assert efd.peek() in (0, 2**64 - 11)
+
+
+def _wait_briefly(efd: EventFD, rounds: int) -> int:
+    for _ in range(rounds):
+        try:
+            efd.read(timeout=0.02)
+        except TimeoutError:
+            pass
+    return 0
+
+
+def test_registrations_stay_right_while_64_processes_come_and_die(backend: str) -> None:
+    """Registrations of SIGKILLed waiters are reclaimed through their liveness locks."""
+    with EventFD(0) as efd:
+        pids = [fork_child(lambda: _wait_briefly(efd, 5)) for _ in range(64)]
+        for k, pid in enumerate(pids):
+            if k % 3 == 0:
+                os.kill(pid, signal.SIGKILL)  # some die while registered as waiters
+        for pid in pids:
+            reap(pid)
+        with pytest.raises(TimeoutError):
+            efd.read(timeout=0.3)  # an expired step corrects dead registrations
+        assert (header(efd, W_WR), header(efd, W_WW)) == (0, 0)
+        assert header(efd, W_PR) <= 1
+        assert header(efd, "posted_w") == 0
+        reader = fork_child(lambda: 0 if efd.read(timeout=10) == 1 else 1)
+        wait_until(lambda: header(efd, W_WR) == 1)
+        t0 = time.monotonic()
+        efd.write(1)
+        assert reap(reader) == 0
+        assert time.monotonic() - t0 < 0.09  # the post latency, not a wait step

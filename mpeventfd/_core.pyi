@@ -1,0 +1,76 @@
+"""Types of the C core, ``mpeventfd/_core.c`` (the seam the Python modules use)."""
+
+from collections.abc import Callable
+from typing import Any
+
+MAX_VALUE: int
+SIZE: int
+NSLOTS: int
+MUTEX_ROBUST: int
+MUTEX_BYTE: int
+CARRIER_PIPE: int
+CARRIER_FILE: int
+HAVE_ROBUST_MUTEX: int
+HAVE_OFD_LOCKS: int
+HAVE_TIMED_SEM_WAIT: int
+STEPS: tuple[str, ...]
+OFFSET_COUNTER: int
+OFFSET_NONBLOCK: int
+OFFSET_DIRTY: int
+OFFSET_ARMED: int
+OFFSET_HWM: int
+OFFSET_SEMAPHORE: int
+OFFSET_MUTEX_KIND: int
+OFFSET_CARRIER: int
+OFFSET_VERSION: int
+OFFSET_MAGIC: int
+OFFSET_NSLOTS: int
+
+class Core:
+    """One eventfd as attached in this process."""
+
+    def __new__(
+        cls, state_fd: int, rfd: int, wfd: int, sem_r: str, sem_w: str,
+        lock_path: str | None, poll_waits: bool, /,
+    ) -> Core: ...
+    def peek(self) -> int: ...
+    def close(self) -> bool: ...
+    def reopen(self) -> bool: ...
+    def try_read(self) -> int: ...
+    def try_write(self, value: int, /) -> bool: ...
+    def stats(self) -> dict[str, int]: ...
+    @property
+    def fds(self) -> tuple[int, int, int]: ...
+    nonblocking: bool
+    @property
+    def ident(self) -> bytes: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def freed(self) -> bool: ...
+    @property
+    def busy(self) -> bool: ...
+    @property
+    def semaphore(self) -> bool: ...
+    @property
+    def kind(self) -> tuple[int, int]: ...
+    on_free: Callable[[Core], None] | None
+
+class Handle:
+    """The base of ``EventFD``: its methods that are one C call each."""
+
+    _core: Core | None
+    def read(self, timeout: float | None = None) -> int: ...
+    def write(self, value: int = 1, timeout: float | None = None) -> None: ...
+    def peek(self) -> int: ...
+    def fileno(self) -> int: ...
+
+def init_page(
+    fd: int, ident: bytes, semaphore: bool, nonblock: bool, initval: int, mutex_kind: int,
+    carrier: int, pipe_dev: int, pipe_ino: int, /,
+) -> None: ...
+def set_identity(fd: int, sem_r_ino: int, sem_w_ino: int, file_dev: int, file_ino: int,
+                 /) -> None: ...
+def read_header(fd: int, /) -> dict[str, Any]: ...
+def _arm(step: str, action: str, arg: int, nth: int, /) -> None: ...
+def _disarm() -> None: ...
