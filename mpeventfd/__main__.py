@@ -1,4 +1,4 @@
-"""Command line: ``python -m mpeventfd {demo,bench,ls,cleanup}``."""
+"""Command line: ``python -m mpeventfd {demo,bench,ls,cleanup,reap}``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("ls", help="list this user's eventfds: id, counter, flags, pids holding it")
     cleanup = sub.add_parser("cleanup", help="remove eventfds no process holds any more")
     cleanup.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    reap = sub.add_parser("reap", help="wait for the last holder of an eventfd, then remove it "
+                          "(started by mpeventfd itself)")
+    reap.add_argument("name", help="the eventfd's 22-character id")
     args = parser.parse_args(argv)
+
+    if args.command == "reap":
+        from . import _lifecycle, _names
+
+        _names.decode(args.name)  # (a well-formed id, nothing else)
+        return 0 if _lifecycle.reap_when_free(args.name) else 1
 
     if args.command == "demo":
         from ._demo import run

@@ -1,4 +1,4 @@
-"""``python -m mpeventfd bench``: SPEC §7 workloads, mpeventfd beside its baselines.
+"""``python -m mpeventfd bench``: the README's performance workloads, beside baselines.
 
 Every workload runs mpeventfd and its baselines interleaved in one run, after a warm-up,
 for several repetitions with the garbage collector off, on the monotonic clock; the report
@@ -106,7 +106,7 @@ def p1(reps: int, n: int) -> Result:
         "os.pipe": work.pipe_write_loop(n),
     }), reps)
     return _judge(Result("P1", "write(1) while counter > 0, one process", "µs/op",
-                         "<= 1.0x", samples=samples, stat=BEST), 1.0)
+                         "<= 0.2x", samples=samples, stat=BEST), 0.2)
 
 
 def p2(reps: int, n: int) -> Result:
@@ -115,8 +115,18 @@ def p2(reps: int, n: int) -> Result:
         "os.eventfd": work.kernel_pair_loop(n) if HAS_EVENTFD else None,
         "os.pipe": work.pipe_pair_loop(n),
     }), reps)
-    return _judge(Result("P2", "write(1) + read() pair, one process", "µs/pair",
-                         "<= 2.5x", samples=samples, stat=BEST), 2.5)
+    return _judge(Result("P2", "write(1) + read() pair, readiness not armed", "µs/pair",
+                         "<= 0.35x", samples=samples, stat=BEST), 0.35)
+
+
+def p2_armed(reps: int, n: int) -> Result:
+    samples = measure(_timers({
+        "mpeventfd": work.pair_loop(n, armed=True),
+        "os.eventfd": work.kernel_pair_loop(n) if HAS_EVENTFD else None,
+        "os.pipe": work.pipe_pair_loop(n),
+    }), reps)
+    return _judge(Result("P2A", "write(1) + read() pair, after fileno()", "µs/pair",
+                         "<= 1.3x", samples=samples, stat=BEST), 1.3)
 
 
 def p3(reps: int, n: int) -> Result:
@@ -128,10 +138,10 @@ def p3(reps: int, n: int) -> Result:
         "mp.Pipe": work.pingpong("mp.Pipe", n),
     }), reps)
     res = _judge(Result("P3", "blocking ping-pong between 2 processes", "µs/round trip",
-                        "<= 1.15x eventfd, <= 1.2x pipe", samples=samples), 1.15)
+                        "<= 1.1x eventfd and pipe", samples=samples), 1.1)
     pipe_ratio = res.ratio_of("mpeventfd", "os.pipe")
     res.note = f"{pipe_ratio:.2f}x the pipe"
-    if pipe_ratio > 1.2:
+    if pipe_ratio > 1.1:
         res.verdict = "MISS"
     return res
 
@@ -152,9 +162,9 @@ def p5(reps: int, n: int) -> Result:
         "os.eventfd": work.fan_in("os.eventfd", n) if HAS_EVENTFD else None,
         "os.pipe": work.fan_in("os.pipe", n),
     }), reps)
-    # Times per write: throughput is the inverse, so ">= 0.8x throughput" is "<= 1.25x time".
+    # Times per write: throughput is the inverse, so ">= 3x throughput" is "<= 1/3 the time".
     res = _judge(Result("P5", "fan-in: 4 producer processes write(1), 1 consumer",
-                        "µs/write (exact sum)", ">= 0.8x throughput", samples=samples), 1.25)
+                        "µs/write (exact sum)", ">= 3x throughput", samples=samples), 1 / 3)
     if res.ratio:
         res.note = f"throughput {1 / res.ratio:.2f}x os.eventfd"
     return res
@@ -170,14 +180,14 @@ def p6(reps: int, n: int) -> Result:
             p50s[kind].append(p50)
             p99s[kind].append(p99)
     res = Result("P6", "asyncio wake-up latency, aread() vs add_reader", "µs p50",
-                 "<= 1.2x p50 and p99", samples={k: v for k, v in p50s.items() if v})
-    res = _judge(res, 1.2)
+                 "<= 1.1x p50 and p99", samples={k: v for k, v in p50s.items() if v})
+    res = _judge(res, 1.1)
     if HAS_EVENTFD:
         tail = Result("P6", "p99", "µs", "", samples=p99s)
         r99 = tail.ratio_of("mpeventfd", "os.eventfd")
         res.note = (f"p99 {tail.values['mpeventfd'] * 1e6:.0f} vs "
                     f"{tail.values['os.eventfd'] * 1e6:.0f} µs ({r99:.2f}x)")
-        if r99 > 1.2:
+        if r99 > 1.1:
             res.verdict = "MISS"
     return res
 
@@ -188,9 +198,9 @@ def p7(reps: int, n: int) -> Result:
         "64 attached": work.attached_pair_loop(63, n),
     }, reps)
     res = Result("P7", "write+read pair with 1 vs 64 attached processes", "µs/pair",
-                 "ratio <= 1.1", samples=samples, stat=BEST)
+                 "ratio <= 1.05", samples=samples, stat=BEST)
     res.ratio = res.ratio_of("64 attached", "1 attached")
-    res.verdict = "PASS" if res.ratio <= 1.1 else "MISS"
+    res.verdict = "PASS" if res.ratio <= 1.05 else "MISS"
     return res
 
 
@@ -221,14 +231,15 @@ def safety(reps: int, n: int) -> Result:
 
 
 WORKLOADS: dict[str, Callable[[int, int], Result]] = {
-    "P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6, "P7": p7, "P8": p8,
+    "P1": p1, "P2": p2, "P2A": p2_armed, "P3": p3, "P4": p4, "P5": p5, "P6": p6, "P7": p7, "P8": p8,
     "C": safety,
 }
 # (repetitions, work per repetition) for a full run and for --quick.  The single-process
 # workloads take many short repetitions (see the module docstring).
 SIZES: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "P1": ((41, 30_000), (15, 8_000)), "P2": ((41, 15_000), (15, 4_000)),
-    "P3": ((7, 3_000), (3, 500)), "P4": ((7, 2_000), (3, 300)), "P5": ((7, 20_000), (3, 3_000)),
+    "P2A": ((41, 15_000), (15, 4_000)),
+    "P3": ((7, 3_000), (3, 500)), "P4": ((7, 2_000), (3, 300)), "P5": ((7, 200_000), (3, 20_000)),
     "P6": ((7, 1_000), (3, 200)), "P7": ((41, 8_000), (15, 2_000)), "P8": ((1, 1), (1, 1)),
     "C": ((41, 15_000), (15, 4_000)),
 }
@@ -312,7 +323,7 @@ def _plot(results: list[Result], path: str) -> None:
            color=["tab:green" if r.verdict == "PASS" else "tab:red" for r in shown])
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_ylabel("mpeventfd / baseline")
-    ax.set_title("SPEC §7 ratios (green: target met)")
+    ax.set_title("mpeventfd against its baselines (green: target met)")
     fig.tight_layout()
     fig.savefig(path)
     print(f"plot written to {path}")

@@ -1,4 +1,4 @@
-"""The workloads behind ``python -m mpeventfd bench``, one timer factory per SPEC §7 row.
+"""The workloads behind ``python -m mpeventfd bench``, one timer factory per row.
 
 A factory returns a timer: a callable that sets up (untimed), runs the timed part once, tears
 down, and returns seconds per unit of work.  Every process it starts is reaped before it
@@ -90,8 +90,9 @@ def pipe_write_loop(n: int) -> Timer:
     return run
 
 
-def pair_loop(n: int, lock: str | None = None) -> Timer:
-    """The write+read pair; ``lock`` picks the lock kind ("robust", "byte")."""
+def pair_loop(n: int, lock: str | None = None, armed: bool = False) -> Timer:
+    """The write+read pair; ``lock`` picks the lock kind ("robust", "byte"), ``armed``
+    asks for fileno() first (the pipe then mirrors the counter)."""
     def run() -> float:
         saved = _lifecycle.default_mutex
         if lock is not None:
@@ -101,6 +102,8 @@ def pair_loop(n: int, lock: str | None = None) -> Timer:
         finally:
             _lifecycle.default_mutex = saved
         with efd:
+            if armed:
+                efd.fileno()
             write, read = efd.write, efd.read
             t0 = _clock()
             for _ in range(n):
@@ -213,9 +216,9 @@ def _cpu_ns(pid: int) -> int:
 def herd(kind: str, n: int) -> Timer:
     """Consumer CPU per token: 8 blocked readers, a producer handing out single tokens.
 
-    The kernel wakes every blocked reader on each write (R27); the semaphore channel wakes
-    one.  Each token is acknowledged on a separate kernel eventfd (the same for both kinds),
-    so tokens go out one at a time.
+    The kernel wakes every blocked reader on each write (docs/linux-eventfd.md R27); the
+    semaphore channel wakes one.  Each token is acknowledged on a separate kernel eventfd
+    (the same for both kinds), so tokens go out one at a time.
     """
     def run() -> float:
         stop = mmap.mmap(-1, 8)

@@ -28,6 +28,7 @@
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -58,6 +59,7 @@ _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
 #define CARRIER_FILE 2 /* classic fcntl locks on the lock file (macOS, the BSDs) */
 /* Byte offsets of the kernel byte locks: ranges name locks, they hold no data. */
 #define MUTEX_BYTE_OFFSET 0
+#define ATTACHED_BYTE 1    /* read-locked by every process attached (that will liveness-test) */
 #define LIVENESS_BASE 4096 /* + slot index: locked by the slot's owner while it lives */
 
 /* Timing (seconds). */
@@ -65,6 +67,7 @@ _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
 #define STEP_OTHER 0.25 /* other threads re-check their wait at least this often */
 #define PATIENCE 1.0    /* a non-blocking call waits this long for a held lock */
 #define POST_BOUND 65536 /* posts per section: a scribbled count cannot loop for ever */
+#define SPIN_READ 50e-6  /* a blocking normal-mode read watches the counter this long */
 
 /*
  * The shared page, word by word (layout version 3, native byte order).
@@ -178,6 +181,7 @@ struct Core {
     struct page *pg;       /* MAP_SHARED; mapped by us (no dup of the fd, unlike mmap.mmap) */
     int fd[3];             /* state file, pipe read end (fileno), write end: they travel */
     int priv;              /* private description: byte locks and the drain; -1 in a fork child */
+    int spare;             /* a private description opened for the next fork child */
     sem_t *sem[2];         /* blocked readers, writers */
     int semaphore;         /* page.semaphore, cached */
     int mutex_kind, carrier;
@@ -190,6 +194,7 @@ struct Core {
      * lock of their own here). */
     int inflight;          /* calls between Py_BEGIN/END_ALLOW_THREADS */
     int closed, freed;
+    int alone;             /* at free: no other attached process was left */
     PyObject *on_free;     /* called once resources are freed after close() */
     char *file_path;       /* CARRIER_FILE: the lock file */
     Core *next, *prev;     /* every live core, for the fork child */
@@ -279,13 +284,15 @@ static int byte_try(Core *c, short type, off_t start)
 
 /* True while the process owning slot `i` lives: its liveness byte is locked.  Our own locks
  * are invisible to the query (same description, or same process), so never ask about ours. */
-static int slot_alive(Core *c, int i)
+static int byte_held_elsewhere(Core *c, off_t start)
 {
-    struct flock fl = one_byte(F_WRLCK, LIVENESS_BASE + i);
+    struct flock fl = one_byte(F_WRLCK, start);
     if (byte_fcntl(c, OFD_GETLK, F_GETLK, &fl) != 0)
         return 1; /* cannot tell: never treat a process as dead on a doubt */
     return fl.l_type != F_UNLCK;
 }
+
+static int slot_alive(Core *c, int i) { return byte_held_elsewhere(c, LIVENESS_BASE + i); }
 
 /* -- the notifier pipe -------------------------------------------------------------------- */
 
@@ -606,7 +613,7 @@ static void locked(Core *c, int how)
 
 /* -- the sections -------------------------------------------------------------------------- */
 
-enum { OP_READ, OP_WRITE, OP_POST };
+enum { OP_READ, OP_WRITE, OP_POST, OP_ARM };
 enum { S_DONE, S_WAIT, S_AGAIN, S_TIMEDOUT, S_EUSERS, S_CORRUPT, S_RETRY };
 
 /* n -> 0: a normal read, or a semaphore read of 1.  The drain comes after the commit.
@@ -706,6 +713,18 @@ static int section(Core *c, int op, uint64_t v, int *reg, int how, double until,
         restore_writers(c);
         return S_DONE;
     }
+    if (op == OP_ARM) { /* readiness, for good: make the pipe match the counter first */
+        if (!atomic_load(&p->armed)) {
+            int queued = pipe_pending(c);
+            uint64_t cnt = atomic_load(&p->counter); /* its zero-ness is ours to change */
+            if (cnt && !queued)
+                pipe_byte(c);
+            else if (!cnt && queued)
+                pipe_drain(c);
+            atomic_store(&p->armed, 1);
+        }
+        return S_DONE;
+    }
     if (op == OP_WRITE)
         STEP(WRITE_LOCKED);
     else
@@ -803,7 +822,7 @@ static void abandon(Core *c, int cls)
 
 /* What a call ends with. */
 enum { RES_OK, RES_ERROR /* a Python exception is set */, RES_AGAIN, RES_TIMEDOUT, RES_BUSY, RES_EUSERS,
-       RES_CORRUPT };
+       RES_CORRUPT, RES_CLOSED };
 
 static int result_of(int s)
 {
@@ -894,8 +913,12 @@ static int ensure_own(Core *c)
     c->slot = -1;
     atomic_store(&c->abandoned[0], 0);
     atomic_store(&c->abandoned[1], 0);
-    if (open_private(c) != 0)
+    if (c->spare >= 0) { /* opened for us by the parent before the fork (prepare_fork) */
+        c->priv = c->spare;
+        c->spare = -1;
+    } else if (open_private(c) != 0) {
         return -1;
+    }
     c->gen = g;
     return 0;
 }
@@ -941,6 +964,35 @@ static void post_after(Core *c)
     locked_op(c, OP_POST, 0, -1.0, -1.0, 0, &unused);
     if (PyErr_Occurred()) /* (ensure_own in a fork child could fail; the write stands) */
         PyErr_Clear();
+}
+
+/* Before a blocking normal-mode read sleeps, it watches the counter for a moment, without
+ * the GIL: an answer often comes within microseconds (a ping-pong partner, a producer in a
+ * burst), and seeing it saves the registration, the sleep and the wake-up.  The loads are
+ * relaxed: only a hint, re-checked under the lock.  Never on one CPU (the writer could not
+ * run) and never in semaphore mode (only the readers that can proceed should run). */
+static double spin_seconds;
+
+static void release_after(Core *c);
+
+static int spin_for_counter(Core *c, double until)
+{
+    _Atomic uint64_t *counter = &c->pg->counter;
+    if (atomic_load_explicit(counter, memory_order_relaxed))
+        return 0;
+    c->inflight++;
+    PyThreadState *ts = PyEval_SaveThread();
+    double end = now() + spin_seconds;
+    if (until < end)
+        end = until;
+    while (!atomic_load_explicit(counter, memory_order_relaxed) && now() < end)
+        sched_yield(); /* let a writer that shares our CPU run */
+    PyEval_RestoreThread(ts);
+    c->inflight--;
+    if (!c->closed)
+        return 0;
+    release_after(c); /* closed meanwhile by another thread: the call has not begun */
+    return -1;
 }
 
 /* Do readers wait for a post that this lock-free write must issue?  (Right after its CAS.) */
@@ -989,7 +1041,19 @@ static int core_read(Core *c, double until, double lock_stop, uint64_t *got)
             }
         }
     }
+    if (!c->semaphore && until != -1.0 && spin_seconds > 0 && spin_for_counter(c, until))
+        return RES_CLOSED;
     return locked_op(c, OP_READ, 0, until, lock_stop, 1, got);
+}
+
+/* Readiness is armed once a pollable fd is handed out anywhere (fileno(), fds, handle,
+ * aread): until then no transition touches the pipe, since nobody can poll it. */
+static int core_arm(Core *c)
+{
+    if (__builtin_expect(atomic_load(&c->pg->armed) != 0, 1))
+        return RES_OK;
+    uint64_t unused;
+    return locked_op(c, OP_ARM, 0, INFINITY, INFINITY, 1, &unused);
 }
 
 static PyObject *closed_error(void)
@@ -1012,6 +1076,7 @@ static PyObject *raise_result(int r)
                             "(a stopped holder?) for longer than a non-blocking call waits");
         break;
     case RES_EUSERS: set_oserror(EUSERS, "more than 1024 processes wait on this eventfd"); break;
+    case RES_CLOSED: closed_error(); break;
     case RES_CORRUPT:
         PyErr_SetString(StateError, "the shared state is out of range: the state file was "
                                     "corrupted by another process");
@@ -1024,6 +1089,13 @@ static PyObject *raise_result(int r)
 
 static void free_resources(Core *c)
 {
+    if (c->priv >= 0 && c->gen == atomic_load(&fork_gen)) {
+        /* Leave the attached processes, then see whether any other one remains: if none
+         * does, nobody else will liveness-test (lifecycle then leaves it to a reaper).
+         * Of several processes detaching at once, the last to unlock sees no other. */
+        byte_try(c, F_UNLCK, ATTACHED_BYTE);
+        c->alone = !byte_held_elsewhere(c, ATTACHED_BYTE);
+    }
     if (c->pg)
         munmap(c->pg, PAGE_BYTES);
     c->pg = NULL;
@@ -1034,7 +1106,9 @@ static void free_resources(Core *c)
         }
     if (c->priv >= 0)
         close(c->priv);
-    c->priv = -1;
+    if (c->spare >= 0)
+        close(c->spare);
+    c->priv = c->spare = -1;
     for (int i = 0; i < 3; i++)
         if (c->fd[i] >= 0)
             close(c->fd[i]);
@@ -1072,7 +1146,8 @@ static void release_after(Core *c)
     }
 }
 
-static int open_private(Core *c)
+/* A new private description, with the attached mark on it; -1 with an exception set. */
+static int open_description(Core *c)
 {
     struct stat st;
     int fd;
@@ -1101,11 +1176,18 @@ static int open_private(Core *c)
         set_oserror(EBADF, "the eventfd's fileno() or lock file was closed or replaced");
         return -1;
     }
-    c->priv = fd;
-    return 0;
+    struct flock fl = one_byte(F_RDLCK, ATTACHED_BYTE); /* shared: "attached here" */
+    fcntl(fd, c->carrier == CARRIER_PIPE ? OFD_SETLK : F_SETLK, &fl);
+    return fd;
 }
 
-/* Validate a header (from pread, or the mapping): range-check every field (SPEC 6). */
+static int open_private(Core *c)
+{
+    c->priv = open_description(c);
+    return c->priv < 0 ? -1 : 0;
+}
+
+/* Validate a header (from pread, or the mapping): range-check every field (I14). */
 static int check_header(const struct page *h, off_t file_size)
 {
     const char *why = NULL;
@@ -1151,7 +1233,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     Core *c = (Core *)type->tp_alloc(type, 0);
     if (!c)
         return NULL;
-    c->fd[0] = c->fd[1] = c->fd[2] = c->priv = c->slot = -1;
+    c->fd[0] = c->fd[1] = c->fd[2] = c->priv = c->spare = c->slot = -1;
     c->closed = c->freed = 1; /* until everything is in place */
     pthread_mutex_init(&c->local, NULL);
     if (fstat(sfd, &st) != 0) {
@@ -1324,6 +1406,38 @@ static PyObject *core_close(Core *c, PyObject *unused)
     Py_RETURN_TRUE;
 }
 
+/* own(): in a fork child, take a private description (and an attached mark) of our own
+ * now, rather than at the first locked call: the parent must see us attached. */
+static PyObject *core_own(Core *c, PyObject *unused)
+{
+    (void)unused;
+    if (!c->freed && ensure_own(c) != 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* prepare_fork() / after_fork_parent(): around os.fork in the parent.  With OFD locks the
+ * child is attached from its first instant: it inherits a description (with the attached
+ * mark) that the parent opened for it and then lets go of.  (Classic fcntl locks are not
+ * inherited, and closing any fd of the lock file would drop the parent's: not there.) */
+static PyObject *core_prepare_fork(Core *c, PyObject *unused)
+{
+    (void)unused;
+    if (!c->freed && c->carrier == CARRIER_PIPE && c->spare < 0 &&
+        c->gen == atomic_load(&fork_gen) && (c->spare = open_description(c)) < 0)
+        PyErr_Clear(); /* (the child then opens its own, a moment later) */
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_after_fork_parent(Core *c, PyObject *unused)
+{
+    (void)unused;
+    if (c->spare >= 0)
+        close(c->spare); /* the child's copy keeps the description and its mark */
+    c->spare = -1;
+    Py_RETURN_NONE;
+}
+
 /* reopen(): a closed core that calls in flight still keep is wanted again (an attach). */
 static PyObject *core_reopen(Core *c, PyObject *unused)
 {
@@ -1370,6 +1484,18 @@ static PyObject *core_try_write(Core *c, PyObject *value)
     if (r != RES_OK)
         return raise_result(r);
     Py_RETURN_TRUE;
+}
+
+static PyObject *core_arm_method(Core *c, PyObject *unused)
+{
+    (void)unused;
+    LIVE_OR_RAISE(c);
+    Py_INCREF(c);
+    int r = core_arm(c);
+    Py_DECREF(c);
+    if (r != RES_OK)
+        return raise_result(r);
+    Py_RETURN_NONE;
 }
 
 static PyObject *core_stats(Core *c, PyObject *unused)
@@ -1440,6 +1566,7 @@ static PyObject *core_get_int(Core *c, void *which)
     case 2: return PyBool_FromLong(c->inflight > 0);
     case 3: return PyBool_FromLong(c->semaphore);
     case 4: return Py_BuildValue("(ii)", c->mutex_kind, c->carrier);
+    case 5: return PyBool_FromLong(c->alone);
     }
     return NULL;
 }
@@ -1462,10 +1589,17 @@ static PyMethodDef core_methods[] = {
     {"close", (PyCFunction)core_close, METH_NOARGS,
      "Mark closed; free now (True) unless calls are in flight (the last one out frees)."},
     {"reopen", (PyCFunction)core_reopen, METH_NOARGS, "Use a closed, not yet freed core again."},
+    {"own", (PyCFunction)core_own, METH_NOARGS, "Fork child: a private description of our own."},
+    {"prepare_fork", (PyCFunction)core_prepare_fork, METH_NOARGS,
+     "Before os.fork: open the child's private description."},
+    {"after_fork_parent", (PyCFunction)core_after_fork_parent, METH_NOARGS,
+     "After os.fork, in the parent: let go of the child's description."},
     {"try_read", (PyCFunction)core_try_read, METH_NOARGS,
      "A read that never waits: the value, 0 if the lock was busy, or BlockingIOError."},
     {"try_write", (PyCFunction)core_try_write, METH_O,
      "A write that never waits: True, False if the lock was busy, or BlockingIOError."},
+    {"arm", (PyCFunction)core_arm_method, METH_NOARGS,
+     "Arm readiness for good: a pollable fd is being handed out."},
     {"stats", (PyCFunction)core_stats, METH_NOARGS, "The shared accounting words (tests, ls)."},
     {NULL}};
 
@@ -1479,6 +1613,8 @@ static PyGetSetDef core_getset[] = {
     {"busy", (getter)core_get_int, NULL, "Calls are in flight.", (void *)2},
     {"semaphore", (getter)core_get_int, NULL, "EFD_SEMAPHORE, fixed at creation.", (void *)3},
     {"kind", (getter)core_get_int, NULL, "(mutex kind, carrier) from the header.", (void *)4},
+    {"alone", (getter)core_get_int, NULL,
+     "Freed with no other process attached: none will liveness-test after us.", (void *)5},
     {"on_free", (getter)core_get_on_free, (setter)core_set_on_free,
      "Called with the core once close() and the last call in flight have freed it.", NULL},
     {NULL}};
@@ -1586,7 +1722,14 @@ static PyObject *handle_fileno(Handle *h, PyObject *unused)
 {
     (void)unused;
     Core *c = live(h);
-    return c ? PyLong_FromLong(c->fd[1]) : NULL;
+    if (!c)
+        return NULL;
+    Py_INCREF(c);
+    int r = core_arm(c);
+    Py_DECREF(c);
+    if (r != RES_OK)
+        return raise_result(r);
+    return PyLong_FromLong(c->fd[1]);
 }
 
 static void handle_dealloc(Handle *h)
@@ -1703,7 +1846,6 @@ static PyObject *mod_init_page(PyObject *mod, PyObject *args)
     p->nslots = NSLOTS;
     atomic_store(&p->counter, initval);
     atomic_store(&p->nonblock, (uint64_t)nonblock);
-    atomic_store(&p->armed, 1);
     if (mutex_kind == MUTEX_ROBUST) {
 #ifdef HAVE_ROBUST_MUTEX
         pthread_mutexattr_t a;
@@ -1798,6 +1940,19 @@ static PyObject *mod_arm(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* _spin(seconds): how long a blocking normal-mode read watches the counter (bench, tests). */
+static PyObject *mod_spin(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    double old = spin_seconds, t = PyFloat_AsDouble(arg);
+    if (t == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!(t >= 0 && t <= 0.01))
+        return PyErr_Format(PyExc_ValueError, "spin must be within 0..10 ms");
+    spin_seconds = t;
+    return PyFloat_FromDouble(old);
+}
+
 static PyObject *mod_disarm(PyObject *mod, PyObject *unused)
 {
     (void)mod;
@@ -1812,6 +1967,7 @@ static PyMethodDef module_methods[] = {
     {"read_header", mod_read_header, METH_O, "Read and validate a state file's header."},
     {"_arm", mod_arm, METH_VARARGS, "Arm a fault at a named step (tests only)."},
     {"_disarm", mod_disarm, METH_NOARGS, "Disarm the fault hook."},
+    {"_spin", mod_spin, METH_O, "Set the read spin (seconds); returns the old one."},
     {NULL}};
 
 static struct PyModuleDef module = {
@@ -1841,6 +1997,13 @@ PyMODINIT_FUNC PyInit__core(void)
     main_ident = PyLong_AsUnsignedLong(ident);
     Py_DECREF(ident);
     all_cores.next = all_cores.prev = &all_cores;
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0)
+        cpus = CPU_COUNT(&set);
+#endif
+    spin_seconds = cpus > 1 ? SPIN_READ : 0.0;
     if (pthread_atfork(NULL, NULL, after_fork_child) != 0)
         return PyErr_Format(PyExc_RuntimeError, "pthread_atfork failed");
     PyObject *m = PyModule_Create(&module);

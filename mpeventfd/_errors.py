@@ -10,7 +10,7 @@ class StateError(ValueError):
     """The shared state of an eventfd is corrupt, foreign, or of another layout version.
 
     Raised instead of ever touching memory outside the mapping or trusting a field that is
-    out of range (SPEC §6).  A subclass of :class:`ValueError` because the data, not the
+    out of range (docs/design.md, I14).  A subclass of :class:`ValueError` because the data, not the
     call, is wrong.
     """
 

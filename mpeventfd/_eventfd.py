@@ -97,6 +97,7 @@ class EventFD(_core.Handle):
             OSError: ``EBADF`` if the handle is (or gets) closed.
         """
         delay = 0.0005
+        self._live().arm()  # it waits for readability
         while True:
             core = self._live()
             if not core.peek():
@@ -175,19 +176,22 @@ class EventFD(_core.Handle):
     def set_inheritable(self, inheritable: bool) -> None:
         """Set close-on-exec on every fd of the eventfd in this process (all or none)."""
         _check_flag("inheritable", inheritable)
-        for fd in self.fds:
+        for fd in self._live().fds:
             os.set_inheritable(fd, inheritable)
 
     @property
     def fds(self) -> tuple[int, ...]:
         """The fds a child needs to re-attach: give them to ``Popen(pass_fds=...)``."""
-        fds: tuple[int, int, int] = self._live().fds
+        core = self._live()
+        core.arm()  # the read end among them can be polled from now on
+        fds: tuple[int, int, int] = core.fds
         return fds
 
     @property
     def handle(self) -> str:
         """A token that names :attr:`fds`; an exec'd child passes it to ``from_handle``."""
         core = self._live()
+        core.arm()
         state_fd, rfd, wfd = core.fds
         return f"mpefd1:{_lifecycle.name_of(core)}:{state_fd}:{rfd}:{wfd}"
 

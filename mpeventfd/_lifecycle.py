@@ -32,6 +32,8 @@ import errno
 import fcntl
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -95,8 +97,6 @@ def create(initval: int, semaphore: bool, nonblocking: bool) -> Core:
         if F.ARMED:
             F.hit("create.pipe")
         pipe = os.fstat(r)
-        if initval:
-            os.write(w, b"\x01")  # readable from the start
         _core.init_page(fd, ident, semaphore, nonblocking, initval, default_mutex, carrier,
                         pipe.st_dev, pipe.st_ino)
         if F.ARMED:
@@ -429,7 +429,7 @@ def release(core: Core) -> None:
             return
         name = _detach_locked(core)
     if name:
-        _after_free(name)
+        _after_free(name, core.alone)
 
 
 def release_from_finalizer(core: Core) -> None:
@@ -450,7 +450,7 @@ def release_from_finalizer(core: Core) -> None:
     finally:
         _reg_lock.release()
     if name:
-        _after_free(name)
+        _after_free(name, core.alone)
 
 
 def _detach_locked(core: Core) -> str | None:
@@ -483,15 +483,66 @@ def _on_free(core: Core) -> None:
             if closing is core:
                 del _closing[ident]
     if name:
-        _after_free(name)
+        _after_free(name, core.alone)
 
 
-def _after_free(name: str) -> None:
+def _after_free(name: str, alone: bool) -> None:
+    """Our fds of ``name`` are closed: remove its names if nobody holds any fd of it.
+
+    If someone still does and no other process is attached (the holders are exec'd
+    children that never called ``from_handle``, or a message nobody will receive), no
+    process would ever test again: a reaper process waits for the last fd instead.
+    """
     if F.ARMED:
         F.hit("detach.closed")
-    if not liveness_test(name):
+    if liveness_test(name):
+        return
+    if alone:
+        _spawn_reaper(name)
+    else:
         _pending.add(name)
         _start_janitor()
+
+
+def _spawn_reaper(name: str) -> None:
+    """Start ``python -m mpeventfd reap NAME``: it outlives us, holding no fd of the eventfd."""
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "mpeventfd", "reap", name], close_fds=True,
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+    except OSError:  # out of processes or fds: the next sweep or `cleanup` removes it
+        _pending.add(name)
+        _start_janitor()
+
+
+def reap_when_free(name: str) -> bool:
+    """Wait until no fd of ``name`` exists anywhere, then remove its names (the reaper).
+
+    ``flock(LOCK_EX)`` on a fresh description returns exactly when the last shared lock,
+    that is the last fd of the eventfd anywhere, is gone; none can appear after that.
+    """
+    path = _names.state_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        _unlink_secondary(name)
+        return True
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            named = None
+        if named is not None and (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino):
+            _unlink_secondary(name)
+            _unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def by_fileno(fd: int) -> Core | None:
@@ -684,10 +735,10 @@ def shutdown() -> None:
     """
     _apply_deferred()
     with _reg_lock:
-        names = [_detach_locked(core) for core in list(_registry.values())]
-    for name in names:
+        names = [(core, _detach_locked(core)) for core in list(_registry.values())]
+    for core, name in names:
         if name:
-            _after_free(name)
+            _after_free(name, core.alone)
     _retest_pending()
 
 
@@ -705,6 +756,21 @@ def _after_fork_child() -> None:
         core.close()
     _closing.clear()
     _names_of.clear()
+    for core in list(_registry.values()):
+        try:
+            core.own()  # attached here too: a parent that detaches first must see us
+        except OSError:
+            pass  # (fileno() was replaced: the first call says so)
+
+
+def _before_fork() -> None:
+    for core in list(_registry.values()):
+        core.prepare_fork()
+
+
+def _after_fork_parent() -> None:
+    for core in list(_registry.values()):
+        core.after_fork_parent()
 
 
 def _install_mp_finalizer(_: object) -> None:
@@ -721,7 +787,8 @@ class _Anchor:
 
 _ANCHOR = _Anchor()
 atexit.register(shutdown)
-os.register_at_fork(after_in_child=_after_fork_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                    after_in_child=_after_fork_child)
 
 
 def _hook_multiprocessing() -> None:

@@ -1,7 +1,7 @@
 """Names of the objects of one eventfd, derived from its random 128-bit id.
 
 The id is encoded in base64url (22 characters), not hex: ``/mpefd-`` plus 22 characters plus
-``-r`` is 31 bytes, the longest semaphore name macOS accepts (design-review P2).
+``-r`` is 31 bytes, the longest semaphore name macOS accepts (PSEMNAMLEN).
 """
 
 from __future__ import annotations

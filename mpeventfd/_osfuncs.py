@@ -3,7 +3,7 @@
 
 One deliberate difference: like every call in mpeventfd, these follow PEP 475 (a signal
 whose handler returns normally does not interrupt them), while the ``os`` functions raise
-``InterruptedError`` (linux-eventfd-semantics R46).
+``InterruptedError`` (docs/linux-eventfd.md R46).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``python -m mpeventfd ls`` and ``cleanup``.
 
-``ls`` reads headers without taking any lock (a stopped holder must not hang it;
-design-review P5) and never modifies anything.  ``cleanup`` removes exactly what the
-liveness test proves unused (SPEC §4).
+``ls`` reads headers without taking any lock (so a stopped holder cannot hang it) and
+never modifies anything.  ``cleanup`` removes exactly what the liveness test proves unused
+(docs/design.md §9).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 An eventfd travels as its three fds (state file, pipe read end, pipe write end).  The state
 fd's open file description carries the presence lock, so the eventfd lives while any copy
-exists anywhere, also inside a socket message in flight (SPEC §3, §4; R3).  Every receiving
-path makes the fds non-inheritable at once (design-review L3): Python 3.11's
+exists anywhere, also inside a socket message in flight (docs/design.md §9, §10).  Every receiving
+path makes the fds non-inheritable at once: Python 3.11's
 ``socket.recv_fds`` and ``multiprocessing.reduction.recvfds`` ignore ``MSG_CMSG_CLOEXEC``
 and return inheritable fds, so ``recvmsg`` is called directly.
 """
@@ -45,13 +45,14 @@ _HANDLE = re.compile(r"mpefd1:([A-Za-z0-9_-]{22}):(\d{1,10}):(\d{1,10}):(\d{1,10
 
 
 def _reduce(efd: EventFD) -> tuple[Any, tuple[Any, ...]]:
-    """Pickle for multiprocessing: the fds travel as ``DupFd`` (SPEC §3).
+    """Pickle for multiprocessing: the fds travel as ``DupFd`` (docs/design.md §10).
 
     Under a spawning ``Popen`` the fds go to the child with its other inherited fds; between
     live processes (``Queue``, ``Pipe``, ``Pool``) the resource sharer sends them over
     ``SCM_RIGHTS`` when the receiver unpickles.
     """
     core = efd._live()
+    core.arm()  # the fds go to a process that may poll them
     dups = [reduction.DupFd(fd) for fd in core.fds]
     return _rebuild, (MSG_VERSION, core.ident, *dups)
 
@@ -94,6 +95,7 @@ def send_eventfd(sock: socket.socket, efd: EventFD) -> None:
     if not isinstance(efd, EventFD):
         raise TypeError(f"efd must be an EventFD, not {type(efd).__name__}")
     core = efd._live()
+    core.arm()
     header = _HEADER.pack(MSG_MAGIC, MSG_VERSION, NFDS, core.ident)
     rights = array.array("i", core.fds).tobytes()
     sent = sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
@@ -277,4 +279,5 @@ def from_handle(handle: str) -> EventFD:
     core = _lifecycle.attach(fds[0], fds[1], fds[2], expect=ident, own=False)
     efd = EventFD._from_core(core)
     efd.set_inheritable(False)
+    core.arm()  # a handle's fds were inheritable: whoever else holds them may poll
     return efd

@@ -18,17 +18,36 @@ from mpeventfd._probe import PLATFORM
 FIGURES: dict[str, list[float]] = {}
 
 
+KILLED_STEPS: set[str] = set()
+
+
 def record(name: str, value: float) -> None:
     FIGURES.setdefault(name, []).append(value)
 
 
+def record_kill(step: str) -> None:
+    """A test SIGKILLed a process at the named ``step`` (README "Reliability")."""
+    KILLED_STEPS.add(step)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not FIGURES:
+    if not FIGURES and not KILLED_STEPS:
         return
     terminalreporter.section("mpeventfd reliability figures")
+    if KILLED_STEPS:
+        from mpeventfd import _faults
+
+        terminalreporter.write_line(
+            f"named steps killed: {len(KILLED_STEPS)} of {len(_faults.STEPS)} "
+            f"(never killed: {', '.join(sorted(set(_faults.STEPS) - KILLED_STEPS)) or '-'})")
     for name, values in sorted(FIGURES.items()):
         ordered = sorted(values)
         median = ordered[len(ordered) // 2]
+        if "seconds" in name and ordered[-1] < 1:
+            terminalreporter.write_line(
+                f"{name.replace('seconds', 'ms')}: n={len(values)} median={median * 1e3:.3f} "
+                f"max={ordered[-1] * 1e3:.3f}")
+            continue
         terminalreporter.write_line(
             f"{name}: n={len(values)} sum={sum(values):.0f} median={median:.4f} "
             f"max={ordered[-1]:.4f}"

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from conftest import record_kill
 from helpers import fork_child, reap, stats, wait_until
 from mpeventfd import EFD_SEMAPHORE, EventFD, _faults
 
@@ -82,6 +83,8 @@ def victim(efd: EventFD, step: str, action: str, op: Op) -> int:
         _faults.arm(step, action)
         op(efd)
         return 3  # the step was never reached: the scenario is wrong
+    if action == "kill":
+        record_kill(step)
     return fork_child(body)
 
 

@@ -1,5 +1,5 @@
-"""Bad input and security (SPEC §6): every public entry point refuses what it cannot use,
-and a corrupted or foreign shared header gives a clear error, never a crash."""
+"""Bad input and security (docs/design.md, I13, I14): every public entry point refuses what
+it cannot use, and a corrupted or foreign shared header gives a clear error, never a crash."""
 
 from __future__ import annotations
 

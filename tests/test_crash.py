@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import record
+from conftest import record, record_kill
 from crashkit import (
     SCENARIOS,
     Scenario,
@@ -35,9 +35,18 @@ from mpeventfd._probe import PLATFORM
 IDS = [s.id for s in SCENARIOS]
 
 
+@pytest.fixture(params=["armed", "unarmed"])
+def readiness(request: pytest.FixtureRequest) -> str:
+    """Whether the eventfd's pipe mirrors the counter (someone asked for a pollable fd)."""
+    mode: str = request.param
+    return mode
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=IDS)
-def test_sigkill_at_step(backend: str, scenario: Scenario) -> None:
+def test_sigkill_at_step(backend: str, readiness: str, scenario: Scenario) -> None:
     with EventFD(scenario.initval, scenario.flags) as efd:
+        if readiness == "armed":
+            efd.fileno()
         pid = victim(efd, scenario.step, "kill", scenario.op)
         if scenario.wake:
             wake_when_blocked(efd, scenario.wake)
@@ -50,7 +59,7 @@ def test_sigkill_at_step(backend: str, scenario: Scenario) -> None:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=IDS)
-def test_sigint_at_step(backend: str, scenario: Scenario) -> None:
+def test_sigint_at_step(backend: str, readiness: str, scenario: Scenario) -> None:
     """SIGINT at any step: its KeyboardInterrupt comes before the commit or after the call.
 
     Inside a section no Python code runs, so the handler waits until the C call returns
@@ -58,6 +67,8 @@ def test_sigint_at_step(backend: str, scenario: Scenario) -> None:
     Either way nothing stays locked or half applied.
     """
     with EventFD(scenario.initval, scenario.flags) as efd:
+        if readiness == "armed":
+            efd.fileno()
         waker = None
         if scenario.wake:
             waker = threading.Thread(target=wake_when_blocked, args=(efd, scenario.wake))
@@ -82,8 +93,10 @@ REPAIR_STEPS = ["repair.start", "repair.slots", "repair.pipe", "repair.posted", 
 
 
 @pytest.mark.parametrize("step", REPAIR_STEPS)
-def test_double_fault_kill_the_repairer(backend: str, step: str) -> None:
+def test_double_fault_kill_the_repairer(backend: str, readiness: str, step: str) -> None:
     with EventFD(0) as efd:
+        if readiness == "armed":
+            efd.fileno()
         first = victim(efd, "write.pipe", "kill", lambda e: e.write(3))  # leaves dirty
         assert killed(reap(first))
         second = victim(efd, step, "kill", lambda e: e.write(1))
@@ -265,6 +278,7 @@ def test_kill_during_attach(backend: str, step: str) -> None:
     from mpeventfd import recv_eventfd, send_eventfd
 
     a, b = socket.socketpair()
+    record_kill(step)
     with EventFD(2) as efd:
         def body() -> int:
             efd.close()  # the inherited handle: the next one is a real attach
@@ -309,6 +323,7 @@ def test_kill_during_creation_leaves_only_debris_cleanup_removes(
     # Without O_TMPFILE a dead creator leaves a temporary file, which the sweep removes once
     # it is free and older than TEMP_GRACE: the creator here is certainly dead.
     monkeypatch.setattr(_lifecycle, "TEMP_GRACE", 0.0)
+    record_kill(step)
     out = python(f"from mpeventfd import _faults, _lifecycle, EventFD\n"
                  f"_lifecycle.default_mutex = {_lifecycle.default_mutex}\n"
                  f"_faults.arm({step!r}, 'kill')\nEventFD()\n")

@@ -1,4 +1,4 @@
-"""Lifecycle of named objects (SPEC §4): they exist exactly while some fd exists anywhere."""
+"""Lifecycle of named objects (docs/design.md §9): they exist while some fd exists anywhere."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from helpers import (
     reap,
     reaped,
     stats,
+    wait_readable,
     wait_until,
 )
 from mpeventfd import EventFD, _core, _lifecycle, _names, from_handle, recv_eventfd, send_eventfd
@@ -148,7 +149,7 @@ def test_multiprocessing_fork_child_as_last_holder() -> None:
 
 
 def test_2000_cycles_while_another_thread_spawns_subprocesses() -> None:
-    """A fork+exec in flight holds copies of our fds for an instant (design-review E5)."""
+    """A fork+exec in flight holds copies of our fds for an instant (the janitor retests)."""
     before = mpefd_entries()
     stop = threading.Event()
 
@@ -437,3 +438,78 @@ FINALIZER_UNDER_LOCK = textwrap.dedent(
 def test_a_finalizer_under_the_registry_lock_does_not_deadlock() -> None:
     out = python(FINALIZER_UNDER_LOCK, timeout=30)
     assert "no deadlock" in out.stdout, out.stderr
+
+
+REAPED = textwrap.dedent(
+    """
+    import os, subprocess, sys
+    from mpeventfd import EventFD
+    go = int(sys.argv[1])
+    efd = EventFD(0, 0)  # inheritable
+    child = subprocess.Popen([sys.executable, "-c", "import os, sys; os.read(int(sys.argv[1]), 1)",
+                              str(go)], pass_fds=(*efd.fds, go),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(efd.handle.split(":")[1], child.pid, flush=True)
+    # exits now, before the exec'd child that holds the fds and never attached
+    """
+)
+
+
+def _reapers(name: str) -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"reap" in argv and name.encode() in argv:
+            pids.append(int(pid))
+    return pids
+
+
+def test_names_go_when_an_exec_child_outlives_the_creator_without_attaching() -> None:
+    """The creator exits while an exec'd child holds the fds without from_handle: no
+    finalizer will run anywhere, so a reaper waits for the last fd.  (Once the names
+    stayed until `cleanup` or a later creation swept them.)"""
+    go_r, go_w = os.pipe()
+    out = python(REAPED, str(go_r), pass_fds=(go_r,))
+    assert out.returncode == 0, out.stderr
+    name, _ = out.stdout.split()
+    assert os.path.exists(_names.state_path(name))  # held by the exec'd child
+    wait_until(lambda: bool(_reapers(name)))
+    reapers = _reapers(name)
+    os.write(go_w, b"x")  # the child exits: the last fd goes
+    wait_until(lambda: not os.path.exists(_names.state_path(name)))
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in reapers))
+    assert not any(name in entry for entry in mpefd_entries())
+    for fd in (go_r, go_w):
+        os.close(fd)
+
+
+@pytest.mark.parametrize("wait", ["at once", "after the child runs"])
+def test_a_parent_detaching_before_its_attached_fork_child_starts_no_reaper(wait: str) -> None:
+    """The child will liveness-test when it detaches: no process is needed for that, also
+    when the parent closes before the child has run at all (with OFD locks the child
+    inherits its attached mark; with classic locks it takes it as it starts)."""
+    if wait == "at once" and PLATFORM.carrier != _core.CARRIER_PIPE:
+        pytest.skip("classic fcntl locks are not inherited: the child marks itself")
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    efd = EventFD()
+    name = name_of(efd)
+    def child() -> None:
+        os.write(ready_w, b"x")
+        os.read(r, 1)
+
+    pid = fork_child(child)
+    if wait != "at once":
+        assert wait_readable(ready_r)
+    efd.close()  # the child holds the fds, attached, and will detach at its exit
+    assert os.path.exists(_names.state_path(name))
+    assert not _reapers(name)
+    os.write(w, b"x")
+    assert reap(pid) == 0
+    wait_until(lambda: not os.path.exists(_names.state_path(name)))
+    for fd in (r, w, ready_r, ready_w):
+        os.close(fd)

@@ -1,4 +1,4 @@
-"""Resource limits (SPEC §4): EMFILE at every step of construction, ENOSPC never SIGBUS."""
+"""Resource limits: EMFILE at every step of construction, ENOSPC never SIGBUS."""
 
 from __future__ import annotations
 

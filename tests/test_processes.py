@@ -1,4 +1,4 @@
-"""Threads x processes, and fork (SPEC §2 thread safety, §3 fork; R41)."""
+"""Threads x processes, and fork (thread safety; docs/linux-eventfd.md R41)."""
 
 from __future__ import annotations
 

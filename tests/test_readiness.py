@@ -1,4 +1,4 @@
-"""Readiness (SPEC §2): ``fileno()`` is readable exactly while the counter is > 0.
+"""Readiness (docs/design.md §5): ``fileno()`` is readable exactly while the counter is > 0.
 
 Checked with every waiting mechanism a user may pick (``select.select``, ``select.poll``,
 level-triggered ``select.epoll``, ``selectors.DefaultSelector`` and
@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from helpers import TIMEOUT, fork_child, reap, wait_readable
+from helpers import TIMEOUT, LineReader, fork_child, reap, stats, wait_readable
 from mpeventfd import EFD_NONBLOCK, EFD_SEMAPHORE, MAX_VALUE, EventFD
 
 # -- the waiting mechanisms -----------------------------------------------------------------
@@ -611,3 +611,62 @@ def test_a_read_drains_a_pipe_holding_more_than_one_byte(extra: int) -> None:
         efd.write(1)  # and readiness still follows the counter afterwards
         assert select.select([efd], [], [], 0)[0]
         assert efd.read(timeout=1) == 1
+
+
+# -- readiness arming: the pipe mirrors the counter once a pollable fd was handed out -------
+
+
+def _poll_on_request(efd: EventFD, ask: int, answer: int) -> int:
+    """Arm by calling fileno() here, in another process; then report readiness on request."""
+    fd = efd.fileno()
+    os.write(answer, b"armed\n")
+    while True:
+        request = os.read(ask, 1)
+        if request != b"?":
+            return 0
+        os.write(answer, b"1\n" if select.select([fd], [], [], 0)[0] else b"0\n")
+
+
+@pytest.mark.parametrize("semaphore", [False, True], ids=["normal", "semaphore"])
+def test_an_eventfd_armed_in_one_process_is_exact_when_polled_there(semaphore: bool) -> None:
+    """This process never calls fileno(): it changes the counter with 0 -> n and n -> 0
+    transitions before and after another process armed readiness; that one polls."""
+    ask_r, ask_w = os.pipe()
+    lines = LineReader()
+    flags = EFD_SEMAPHORE if semaphore else 0
+    with EventFD(5, flags) as efd:
+        efd.read()
+        efd.write(3)  # transitions before anyone armed: no pipe byte yet
+        pid = fork_child(lambda: _poll_on_request(efd, ask_r, lines.w))
+        try:
+            assert lines.line() == "armed"
+            for op in ["read", "read", "read", "write", "write", "read", "read", "read"]:
+                if op == "write":
+                    efd.write(1)
+                else:
+                    try:
+                        efd.read(timeout=0)
+                    except BlockingIOError:
+                        pass
+                os.write(ask_w, b"?")
+                assert lines.line() == ("1" if efd.peek() else "0"), (op, efd.peek())
+        finally:
+            os.write(ask_w, b".")
+            assert reap(pid) == 0
+    os.close(ask_r)
+    os.close(ask_w)
+    lines.close()
+
+
+def test_readiness_is_not_armed_until_a_pollable_fd_is_handed_out() -> None:
+    with EventFD(0) as efd:
+        efd.write(1)
+        assert not stats(efd)["armed"]
+        assert efd.read() == 1
+        efd.fileno()
+        assert stats(efd)["armed"]
+    for arm in (lambda e: e.fds, lambda e: e.handle, lambda e: select.select([e], [], [], 0)):
+        with EventFD(2) as efd:
+            arm(efd)
+            assert stats(efd)["armed"]
+            assert select.select([efd.fds[1]], [], [], 0)[0]  # the counter's 2 shows at once

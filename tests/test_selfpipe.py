@@ -1,4 +1,4 @@
-"""The drop-in for pipe-based wake-ups (SPEC "who uses it"): a self-pipe loop on mpeventfd.
+"""The drop-in for pipe-based wake-ups (README, "Replacing a self-pipe"): a self-pipe loop.
 
 The loops are the ones of ``examples/selectors_self_pipe.py`` (imported from the file, so the
 example and its test cannot drift apart): ``PipeLoop`` wakes through an ``os.pipe``,

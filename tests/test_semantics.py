@@ -1,4 +1,4 @@
-"""Table tests of SPEC §2, written from linux-eventfd-semantics.md (rule numbers in names)."""
+"""Table tests of the counter semantics, rule numbers from docs/linux-eventfd.md in names."""
 
 from __future__ import annotations
 
@@ -310,7 +310,7 @@ def test_readiness_follows_counter() -> None:
         assert readable(efd)
         efd.read()
         assert not readable(efd)
-        # The read end never reports writability (linux-eventfd-semantics C3).
+        # The read end never reports writability (docs/linux-eventfd.md C3).
         assert select.select([], [efd.fileno()], [], 0)[1] == []
 
 

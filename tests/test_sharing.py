@@ -1,4 +1,4 @@
-"""Sharing (SPEC §3): every start method, every multiprocessing transport, SCM_RIGHTS
+"""Sharing (docs/design.md §10): every start method, every multiprocessing transport, SCM_RIGHTS
 between unrelated processes, and exec with and without close-on-exec."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Untrusted input: handles and socket messages from elsewhere (SPEC §3, §6), fuzzed."""
+"""Untrusted input: handles and socket messages from elsewhere (docs/design.md §10, I13), fuzzed."""
 
 from __future__ import annotations
 

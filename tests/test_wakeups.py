@@ -1,4 +1,4 @@
-"""Who wakes whom (linux-eventfd-semantics R27-R29), with real threads and processes."""
+"""Who wakes whom (docs/linux-eventfd.md R27-R29), with real threads and processes."""
 
 from __future__ import annotations
 
