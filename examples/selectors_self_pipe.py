@@ -138,9 +138,13 @@ def main() -> int:
             idle = loop.run_once(timeout=0)  # drained: nothing may wake it now
         finally:
             loop.close()
-        outcome = "no error" if sent == BURST else f"BlockingIOError after {sent}"
-        print(f"{name:>9}: {BURST} wake-ups -> {outcome}; {turn.events} select wake-up, "
-              f"{turn.reads} read(s) drained {turn.wakeups}, {turn.callbacks} callbacks ran")
+        if sent == BURST:
+            accepted = f"all {BURST:,} wake-ups accepted"
+        else:
+            accepted = (f"the pipe was full after {sent:,} wake-ups, and wake-up "
+                        f"{sent + 1:,} raised BlockingIOError (its callback was queued anyway)")
+        print(f"{name}: {accepted}; then {turn.events} select wake-up, {turn.reads} read(s) "
+              f"to drain {turn.wakeups:,} wake-ups, and {turn.callbacks:,} callbacks ran")
         ok = ok and turn.events == 1 and idle.events == 0
         if isinstance(loop, EventFDLoop):
             ok = ok and sent == BURST and turn.reads == 1 and turn.wakeups == BURST

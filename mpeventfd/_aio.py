@@ -1,11 +1,14 @@
 """asyncio integration: ``aread``/``awrite`` built on ``loop.add_reader``.
 
-``loop.add_reader`` keeps one callback per fd and loop, and a second registration replaces the
-first; so every task waiting on one eventfd in one loop shares a single registration and a
-single future (as anyio's ``wait_readable`` does).  Each task awaits it through
-``asyncio.shield``: cancelling one task never cancels the others, and the reader is removed
-as soon as the fd is readable.  Consuming always happens in a non-blocking ``read()`` after
-the wake, never inside an ``await``, so a cancelled call consumes nothing.
+``loop.add_reader`` keeps one callback per fd and loop, and a second registration replaces
+the first; so every task waiting on one eventfd in one loop shares a single registration,
+and each waiting task has one plain future of its own (no shield, no future per
+registration).  The registration outlives a wake-up: a task that reads and awaits again
+finds it in place, so a steady ``while True: await efd.aread()`` costs no ``add_reader``/
+``remove_reader`` per call.  It goes when it fires with nobody waiting, when its last
+waiter is cancelled, and before the fd closes (its number would be reused).  Consuming
+always happens in a non-blocking read after the wake, never inside an ``await``, so a
+cancelled call consumes nothing.
 """
 
 from __future__ import annotations
@@ -25,17 +28,25 @@ class _Readable:
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         self.loop = loop
         self.fd = fd
-        self.waiters = 0
-        self.future: asyncio.Future[None] = loop.create_future()
-        # Retrieve the outcome even when every waiter was cancelled: no warning then.
-        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.waiters: list[asyncio.Future[None]] = []
+        self.idle = 0
         loop.add_reader(fd, self.fire)
 
     def fire(self) -> None:
-        """Readable (or told to re-check): drop the registration and wake every waiter."""
-        self.drop()
-        if not self.future.done():
-            self.future.set_result(None)
+        """Readable (or told to re-check): wake every waiter.
+
+        The loop polls again before the woken tasks run and read, so one call with nobody
+        waiting is expected; a second one in a row means nobody will read: unregister.
+        """
+        waiters, self.waiters = self.waiters, []
+        woke = False
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+                woke = True
+        self.idle = 0 if woke else self.idle + 1
+        if self.idle >= 2:
+            self.drop()
 
     def drop(self) -> None:
         """Forget the registration; it must never outlive the fd (its number gets reused)."""
@@ -52,15 +63,20 @@ async def wait_readable(fd: int) -> None:
     key = (id(loop), fd)
     with _guard:
         reg = _REGISTERED.get(key)
-        if reg is None:
+        if reg is None or reg.loop is not loop:  # (an id a closed loop had, reused)
             reg = _REGISTERED[key] = _Readable(loop, fd)
-        reg.waiters += 1
+        fut: asyncio.Future[None] = loop.create_future()
+        reg.waiters.append(fut)
     try:
-        await asyncio.shield(reg.future)
-    finally:
-        reg.waiters -= 1
-        if not reg.waiters and not reg.future.done():
+        await fut
+    except asyncio.CancelledError:
+        with _guard:
+            if fut in reg.waiters:
+                reg.waiters.remove(fut)
+            idle = not reg.waiters
+        if idle:
             reg.drop()  # the last waiter was cancelled: no registration without a waiter
+        raise
 
 
 def reset_after_fork() -> None:
@@ -88,6 +104,11 @@ def wake_all(fd: int) -> None:
         if reg.loop.is_closed():
             reg.drop()
         elif running is reg.loop:
-            reg.fire()
+            _fire_and_drop(reg)
         else:
-            reg.loop.call_soon_threadsafe(reg.fire)
+            reg.loop.call_soon_threadsafe(_fire_and_drop, reg)
+
+
+def _fire_and_drop(reg: _Readable) -> None:
+    reg.fire()
+    reg.drop()

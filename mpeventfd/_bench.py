@@ -19,12 +19,14 @@ samples taken back to back see the same phase of the machine).
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import multiprocessing
 import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -52,6 +54,9 @@ class Result:
     note: str = ""
     samples: dict[str, list[float]] = field(default_factory=dict)
     stat: str = MEDIAN  # what ``values`` holds: BEST or MEDIAN of the samples
+    per_rep: list[float] = field(default_factory=list)  # the ratio in each repetition
+    limit: float | None = None  # the target as a ratio (for the plot)
+    higher_is_better: bool = False
 
     def __post_init__(self) -> None:
         if self.samples and not self.values:
@@ -60,12 +65,64 @@ class Result:
             self.spreads = {n: (max(s) - min(s)) / m if (m := statistics.median(s)) else 0.0
                             for n, s in self.samples.items()}
 
+    @property
+    def statistic(self) -> str:
+        """How ``values`` and ``ratio`` were taken, in words."""
+        if not self.samples:
+            return "one measurement"
+        reps = len(next(iter(self.samples.values())))
+        if self.stat == BEST:
+            return f"best of {reps}"
+        return f"median of {reps}, ratio: median of per-repetition ratios"
+
+    def ratios(self, name: str, base: str) -> list[float]:
+        """The ratio of ``name`` to ``base`` in each repetition (samples taken together)."""
+        return [a / b for a, b in zip(self.samples[name], self.samples[base], strict=True)]
+
     def ratio_of(self, name: str, base: str) -> float:
         """``name`` against ``base``: best over best, or the median paired ratio."""
         if self.stat == BEST:
             return self.values[name] / self.values[base]
         pairs = zip(self.samples[name], self.samples[base], strict=True)
         return statistics.median(a / b for a, b in pairs)
+
+
+class _Progress:
+    """One line on stderr while the benchmark runs: which workload, which repetition."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.t0 = 0.0
+        self.head = ""
+        self.reps = self.rep = 0
+
+    def begin(self, index: int, count: int, wid: str, title: str, reps: int) -> None:
+        if not self.t0:
+            self.t0 = time.monotonic()
+        self.head, self.reps, self.rep = f"[{index}/{count}] {wid} {title}", reps, 0
+        if self.tty:
+            self._show()
+        else:
+            print(f"{self.head} ...", file=sys.stderr, flush=True)
+
+    def tick(self) -> None:
+        self.rep += 1
+        if self.tty:
+            self._show()
+
+    def clear(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def _show(self) -> None:
+        line = (f"{self.head}: repetition {min(self.rep, self.reps)}/{self.reps}, "
+                f"{time.monotonic() - self.t0:.0f} s so far")
+        sys.stderr.write("\r\033[K" + line[:150])
+        sys.stderr.flush()
+
+
+_progress = _Progress()
 
 
 def measure(timers: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
@@ -79,19 +136,22 @@ def measure(timers: dict[str, Callable[[], float]], reps: int) -> dict[str, list
         for _ in range(reps):
             for name, timer in timers.items():
                 samples[name].append(timer())
+            _progress.tick()
     finally:
         if enabled:
             gc.enable()
     return samples
 
 
-def _judge(res: Result, limit: float, lower_is_better: bool = True,
-           against: str = "os.eventfd") -> Result:
+def _judge(res: Result, limit: float, against: str = "os.eventfd",
+           name: str = "mpeventfd") -> Result:
+    """Ratio of ``name`` to the baseline (lower is better) against ``limit``."""
     base = against if against in res.samples else "os.pipe"
+    res.limit = limit
     if base in res.samples:
-        res.ratio = res.ratio_of("mpeventfd", base)
-        ok = res.ratio <= limit if lower_is_better else res.ratio >= limit
-        res.verdict = "PASS" if ok else "MISS"
+        res.ratio = res.ratio_of(name, base)
+        res.per_rep = res.ratios(name, base)
+        res.verdict = "PASS" if res.ratio <= limit else "MISS"
     return res
 
 
@@ -140,7 +200,12 @@ def p3(reps: int, n: int) -> Result:
     res = _judge(Result("P3", "blocking ping-pong between 2 processes", "µs/round trip",
                         "<= 1.1x eventfd and pipe", samples=samples), 1.1)
     pipe_ratio = res.ratio_of("mpeventfd", "os.pipe")
-    res.note = f"{pipe_ratio:.2f}x the pipe"
+    # The kernel's round trip moves with how deeply idle CPUs sleep (2 µs awake, 50+ µs
+    # deeply asleep): every repetition, with both sides' absolute values.
+    base = "os.eventfd" if "os.eventfd" in samples else "os.pipe"
+    each = "; ".join(f"{a * 1e6:.1f}/{b * 1e6:.1f}={a / b:.2f}x" for a, b in
+                     zip(samples["mpeventfd"], samples[base], strict=True))
+    res.note = f"{pipe_ratio:.2f}x the pipe; per repetition (µs, mpeventfd/{base}): {each}"
     if pipe_ratio > 1.1:
         res.verdict = "MISS"
     return res
@@ -167,23 +232,38 @@ def p5(reps: int, n: int) -> Result:
                         "µs/write (exact sum)", ">= 3x throughput", samples=samples), 1 / 3)
     if res.ratio:
         res.note = f"throughput {1 / res.ratio:.2f}x os.eventfd"
+    res.higher_is_better = True  # (plotted as throughput)
     return res
 
 
 def p6(reps: int, n: int) -> Result:
+    return _asyncio_row("P6", "asyncio", reps, n)
+
+
+def p6_uvloop(reps: int, n: int) -> Result:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return Result("P6U", "asyncio wake-up latency on uvloop", "µs p50", "<= 1.1x",
+                      verdict="SKIP", note="uvloop is not installed (pip install uvloop)")
+    return _asyncio_row("P6U", "uvloop", reps, n)
+
+
+def _asyncio_row(wid: str, loop: str, reps: int, n: int) -> Result:
     p50s: dict[str, list[float]] = {"mpeventfd": [], "os.eventfd": []}
     p99s: dict[str, list[float]] = {"mpeventfd": [], "os.eventfd": []}
     kinds = ["mpeventfd"] + (["os.eventfd"] if HAS_EVENTFD else [])
     for _ in range(reps):
         for kind in kinds:
-            p50, p99 = work.asyncio_latency(kind, n)
+            p50, p99 = work.asyncio_latency(kind, n, loop)
             p50s[kind].append(p50)
             p99s[kind].append(p99)
-    res = Result("P6", "asyncio wake-up latency, aread() vs add_reader", "µs p50",
-                 "<= 1.1x p50 and p99", samples={k: v for k, v in p50s.items() if v})
+            _progress.tick()
+    res = Result(wid, f"{loop} wake-up latency, aread() vs add_reader + eventfd_read",
+                 "µs p50", "<= 1.1x p50 and p99", samples={k: v for k, v in p50s.items() if v})
     res = _judge(res, 1.1)
     if HAS_EVENTFD:
-        tail = Result("P6", "p99", "µs", "", samples=p99s)
+        tail = Result(wid, "p99", "µs", "", samples=p99s)
         r99 = tail.ratio_of("mpeventfd", "os.eventfd")
         res.note = (f"p99 {tail.values['mpeventfd'] * 1e6:.0f} vs "
                     f"{tail.values['os.eventfd'] * 1e6:.0f} µs ({r99:.2f}x)")
@@ -200,6 +280,7 @@ def p7(reps: int, n: int) -> Result:
     res = Result("P7", "write+read pair with 1 vs 64 attached processes", "µs/pair",
                  "ratio <= 1.05", samples=samples, stat=BEST)
     res.ratio = res.ratio_of("64 attached", "1 attached")
+    res.per_rep, res.limit = res.ratios("64 attached", "1 attached"), 1.05
     res.verdict = "PASS" if res.ratio <= 1.05 else "MISS"
     return res
 
@@ -230,9 +311,29 @@ def safety(reps: int, n: int) -> Result:
     return res
 
 
+SPINS = (0.0, 10e-6, 25e-6, 50e-6)
+
+
+def spin(reps: int, n: int) -> Result:
+    """What the read spin costs (CPU per blocking read that finds nothing) and buys (P3)."""
+    samples = measure({**{f"cpu, spin {t * 1e6:.0f} µs": work.empty_read_cpu(t, n)
+                          for t in SPINS},
+                       **{f"P3, spin {t * 1e6:.0f} µs": work.pingpong_with_spin(t, n)
+                          for t in SPINS}}, reps)
+    res = Result("S", "read spin: CPU per empty blocking read; P3 round trip", "µs",
+                 "(chooses the default)", samples=samples)
+    res.verdict = "INFO"
+    cost = [res.values[f"cpu, spin {t * 1e6:.0f} µs"] - res.values["cpu, spin 0 µs"]
+            for t in SPINS]
+    trip = [res.values[f"P3, spin {t * 1e6:.0f} µs"] for t in SPINS]
+    res.note = "; ".join(f"spin {t * 1e6:.0f} µs: +{c * 1e6:.1f} µs CPU, P3 {p * 1e6:.1f} µs"
+                         for t, c, p in zip(SPINS, cost, trip, strict=True))
+    return res
+
+
 WORKLOADS: dict[str, Callable[[int, int], Result]] = {
-    "P1": p1, "P2": p2, "P2A": p2_armed, "P3": p3, "P4": p4, "P5": p5, "P6": p6, "P7": p7, "P8": p8,
-    "C": safety,
+    "P1": p1, "P2": p2, "P2A": p2_armed, "P3": p3, "P4": p4, "P5": p5, "P6": p6,
+    "P6U": p6_uvloop, "P7": p7, "P8": p8, "C": safety, "S": spin,
 }
 # (repetitions, work per repetition) for a full run and for --quick.  The single-process
 # workloads take many short repetitions (see the module docstring).
@@ -241,8 +342,18 @@ SIZES: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "P2A": ((41, 15_000), (15, 4_000)),
     "P3": ((7, 3_000), (3, 500)), "P4": ((7, 2_000), (3, 300)), "P5": ((7, 200_000), (3, 20_000)),
     "P6": ((7, 1_000), (3, 200)), "P7": ((41, 8_000), (15, 2_000)), "P8": ((1, 1), (1, 1)),
-    "C": ((41, 15_000), (15, 4_000)),
+    "C": ((41, 15_000), (15, 4_000)), "P6U": ((7, 1_000), (3, 200)), "S": ((5, 300), (2, 50)),
 }
+
+
+TITLES = {
+    "P1": "write(1), counter > 0", "P2": "write+read pair, not armed", "P2A": "armed pair",
+    "P3": "ping-pong", "P4": "8 blocked semaphore readers", "P5": "fan-in of 4 producers",
+    "P6": "asyncio latency", "P6U": "uvloop latency", "P7": "64 attached processes",
+    "P8": "footprint", "C": "lock kinds", "S": "read spin",
+}
+PLOT_HELP = ("--plot needs matplotlib: in a checkout of mpeventfd, pip install -e '.[plot]'; "
+             "for an installed mpeventfd, pip install 'mpeventfd[plot]'")
 
 
 def run(quick: bool = False, json_path: str | None = None, plot_path: str | None = None,
@@ -253,20 +364,27 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     if unknown:
         print(f"unknown workloads: {', '.join(unknown)} (choose from {', '.join(WORKLOADS)})")
         return 2
-    print(f"mpeventfd bench ({'quick' if quick else 'full'}); {_machine()['summary']}")
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        print(PLOT_HELP, file=sys.stderr)
+        return 2
+    machine = _machine()
+    print(f"mpeventfd bench ({'quick' if quick else 'full'}) on {machine['summary']}")
     results = []
-    for wid in chosen:
+    for index, wid in enumerate(chosen, 1):
         reps, n = SIZES[wid][1 if quick else 0]
+        _progress.begin(index, len(chosen), wid, TITLES.get(wid, ""), reps)
         res = WORKLOADS[wid](reps, n)
+        _progress.clear()
         results.append(res)
         _print_line(res)
-    _print_table(results)
+    print()
+    _print_table(results, machine)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"machine": _machine(), "quick": quick, "sizes": SIZES,
+            json.dump({"machine": machine, "quick": quick, "sizes": SIZES,
                        "results": [asdict(r) for r in results]}, f, indent=2)
     if plot_path:
-        _plot(results, plot_path)
+        _plot(results, plot_path, machine)
     return 0
 
 
@@ -274,56 +392,94 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:,.0f}" if unit.startswith("fds") else f"{value * 1e6:.2f}"
 
 
+def _ratio_text(res: Result) -> str:
+    if res.ratio is None:
+        return "-"
+    if res.higher_is_better:
+        return f"{1 / res.ratio:.2f}x thr"
+    return f"{res.ratio:.2f}x"
+
+
 def _print_line(res: Result) -> None:
     cells = ", ".join(f"{k} {_fmt(v, res.unit)}" for k, v in res.values.items())
-    ratio = f"{res.ratio:.2f}x" if res.ratio is not None else "-"
-    stat = f" ({res.stat} of {len(next(iter(res.samples.values())))})" if res.samples else ""
-    print(f"  {res.id}: {cells} {res.unit}{stat}; ratio {ratio} (target {res.target}) "
-          f"{res.verdict} {res.note}".rstrip(), flush=True)
+    print(f"  {res.id}: {res.title}; {cells} {res.unit} ({res.statistic}); "
+          f"ratio {_ratio_text(res)} (target {res.target}) {res.verdict} {res.note}".rstrip(),
+          flush=True)
 
 
-def _print_table(results: list[Result]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        return
-    table = Table(title="mpeventfd vs baselines (µs; ratio = mpeventfd / os.eventfd)")
-    for col in ("id", "workload", "value", "mpeventfd", "os.eventfd", "os.pipe", "ratio",
-                "target", "verdict"):
-        table.add_column(col)
+def _print_table(results: list[Result], machine: dict[str, Any]) -> None:
+    """The summary table: plain text (rich draws it when installed)."""
+    head = ("id", "workload", "statistic", "mpeventfd", "os.eventfd", "os.pipe", "ratio",
+            "target", "verdict")
+    rows = []
     for r in results:
         get = r.values.get
         cells = [_fmt(v, r.unit) if v is not None else "-"
                  for v in (get("mpeventfd"), get("os.eventfd"), get("os.pipe"))]
-        table.add_row(r.id, r.title, r.stat if r.samples else "-", *cells,
-                      f"{r.ratio:.2f}x" if r.ratio is not None else "-", r.target, r.verdict)
+        stat = r.statistic.split(",")[0]
+        rows.append((r.id, r.title[:44], stat, *cells, _ratio_text(r), r.target, r.verdict))
+    title = f"mpeventfd vs baselines (µs; ratio = mpeventfd / os.eventfd) on {machine['summary']}"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+        print(title)
+        for row in (head, *rows):
+            print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
+        return
+    table = Table(title=title)
+    for col in head:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
 
 
 def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     info = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "cpus": os.cpu_count(), "start_method": multiprocessing.get_start_method()}
-    info["summary"] = f"Python {info['python']}, {info['platform']}, {info['cpus']} CPUs"
+            "cpu": cpu, "cpus": os.cpu_count(), "start_method": multiprocessing.get_start_method(),
+            "lock": "robust mutex" if PLATFORM.mutex_kind == 1 else "kernel byte lock"}
+    info["summary"] = (f"{info['cpus']} x {info['cpu']}, {info['platform']}, "
+                       f"Python {info['python']}, {info['lock']}")
     return info
 
 
-def _plot(results: list[Result], path: str) -> None:
-    try:
-        import matplotlib
+def _plot(results: list[Result], path: str, machine: dict[str, Any]) -> None:
+    """Each ratio against its target, with every repetition's ratio as a dot."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib: pip install 'mpeventfd[plot]'")
-        return
-    shown = [r for r in results if r.ratio is not None and r.id != "P8"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.bar([r.id for r in shown], [r.ratio for r in shown],
-           color=["tab:green" if r.verdict == "PASS" else "tab:red" for r in shown])
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_ylabel("mpeventfd / baseline")
-    ax.set_title("mpeventfd against its baselines (green: target met)")
-    fig.tight_layout()
-    fig.savefig(path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in results if r.per_rep and r.limit is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(shown) + 1.6))
+    for y, r in enumerate(reversed(shown)):
+        def flip(x: float, r: Result = r) -> float:
+            return 1 / x if r.higher_is_better else x
+
+        dots = [flip(x) for x in r.per_rep]
+        value, target = flip(r.ratio or 1.0), flip(r.limit or 1.0)
+        color = "tab:green" if r.verdict == "PASS" else "tab:red"
+        ax.scatter(dots, [y] * len(dots), s=12, color=color, alpha=0.45, zorder=2)
+        ax.scatter([value], [y], s=90, marker="D", color=color, zorder=3)
+        ax.scatter([target], [y], s=160, marker="|", color="black", zorder=4)
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{r.id} {'throughput' if r.higher_is_better else 'time'}"
+                        for r in reversed(shown)])
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("mpeventfd / os.eventfd (throughput: higher is better; else lower)")
+    ax.set_title("mpeventfd against os.eventfd: value (diamond), each repetition (dots),\n"
+                 "target (bar); green: target met", fontsize=9)
+    fig.text(0.01, 0.01, machine["summary"], fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
     print(f"plot written to {path}")

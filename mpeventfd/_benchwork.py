@@ -16,7 +16,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from . import _lifecycle
+from . import _core, _lifecycle
 from ._eventfd import EFD_SEMAPHORE, EventFD
 
 Timer = Callable[[], float]
@@ -320,8 +320,11 @@ def fan_in(kind: str, n: int) -> Timer:
 # -- P6: asyncio wake-up latency ------------------------------------------------------------
 
 
-def asyncio_latency(kind: str, n: int) -> tuple[float, float]:
-    """p50 and p99 seconds from a write in another process to the awaiting task's wake."""
+def asyncio_latency(kind: str, n: int, loop_factory: str = "asyncio") -> tuple[float, float]:
+    """p50 and p99 seconds from a write in another process to the awaiting task's wake.
+
+    ``loop_factory`` is "asyncio" (the default loop) or "uvloop".
+    """
     stamp = mmap.mmap(-1, 8)
     ack_r, ack_w = os.pipe()
     if kind == "mpeventfd":
@@ -357,7 +360,16 @@ def asyncio_latency(kind: str, n: int) -> tuple[float, float]:
 
     pid = _child(writer)
     try:
-        samples = asyncio.run(consume())
+        if loop_factory == "uvloop":
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+            try:
+                samples = loop.run_until_complete(consume())
+            finally:
+                loop.close()
+        else:
+            samples = asyncio.run(consume())
     finally:
         _reap(pid)
         if kind == "mpeventfd":
@@ -426,3 +438,37 @@ def _open_fds() -> set[int]:
             continue
         fds.add(int(name))
     return fds
+
+
+# -- S: what the read spin costs and buys ---------------------------------------------------
+
+
+def empty_read_cpu(spin: float, n: int) -> Timer:
+    """CPU seconds per blocking read that finds nothing (it times out after 1 ms)."""
+    def run() -> float:
+        old = _core._spin(spin)
+        try:
+            with EventFD(0) as efd:
+                t0 = time.process_time()
+                for _ in range(n):
+                    try:
+                        efd.read(timeout=0.001)
+                    except TimeoutError:
+                        pass
+                return (time.process_time() - t0) / n
+        finally:
+            _core._spin(old)
+    return run
+
+
+def pingpong_with_spin(spin: float, n: int) -> Timer:
+    """P3's round trip with a given read spin, in both processes."""
+    inner = pingpong("mpeventfd", n)
+
+    def run() -> float:
+        old = _core._spin(spin)  # (the forked partner inherits the setting)
+        try:
+            return inner()
+        finally:
+            _core._spin(old)
+    return run

@@ -174,6 +174,7 @@ static PyObject *StateError;         /* mpeventfd.StateError */
 static unsigned long main_ident;     /* the thread that runs Python's signal handlers */
 static _Atomic unsigned long fork_gen; /* bumped in every fork child */
 static _Atomic uint64_t woken;         /* posts consumed by this process (tests, stats) */
+static _Atomic uint64_t woken_busy;    /* ... after which the lock was still held */
 
 typedef struct Core Core;
 struct Core {
@@ -335,10 +336,22 @@ static void pipe_drain(Core *c)
  *
  * Per class the page counts registered waiters W and posts issued but not yet accounted P;
  * each slot counts its own process's waiters.  After a transition, post until P covers the
- * readers that can proceed: min(c, W_r) in semaphore mode, min(1, W_r) otherwise (post,
- * then account: a death in between leaves a stray post, never a missing one).  A read that
- * made room posts every registered writer: their sizes differ, each re-checks its own.
- * A waiter accounts after each wait step (unregister). */
+ * readers that can proceed: min(c, W_r) in semaphore mode, min(1, W_r) otherwise.  A read
+ * that made room posts every registered writer: their sizes differ, each re-checks its
+ * own.  Posts are accounted under the lock and made after the unlock (pay); a death in
+ * between is made up for by the waiters' bounded steps (unregister, EXPIRED).  A waiter
+ * accounts after each wait step (docs/design.md §6; the model checks variant V4). */
+
+/* Posts this thread's section has accounted and will make once it unlocks: a reader woken
+ * while the lock is still held would only sleep again, on the lock. */
+static _Thread_local uint32_t owed[2];
+
+static void owe(Core *c, int cls, uint64_t posted, uint64_t want)
+{
+    uint64_t n = min64(want - posted, POST_BOUND); /* (a scribbled count cannot loop) */
+    atomic_store(&c->pg->posted[cls], posted + n);  /* account now, post after unlock */
+    owed[cls] += (uint32_t)n;
+}
 
 static void restore_readers(Core *c)
 {
@@ -349,11 +362,8 @@ static void restore_readers(Core *c)
         return;
     uint64_t want = c->semaphore ? min64(cnt, w) : 1;
     uint64_t posted = atomic_load(&p->posted[READER]);
-    for (int n = 0; posted < want && n < POST_BOUND; n++) {
-        if (sem_post(c->sem[READER]) != 0)
-            return; /* EOVERFLOW: more posts pending than anyone can use */
-        atomic_store(&p->posted[READER], ++posted);
-    }
+    if (posted < want)
+        owe(c, READER, posted, want);
 }
 
 static void restore_writers(Core *c)
@@ -361,11 +371,20 @@ static void restore_writers(Core *c)
     struct page *p = c->pg;
     uint64_t w = atomic_load(&p->waiting[WRITER]);
     uint64_t posted = atomic_load(&p->posted[WRITER]);
-    for (int n = 0; posted < w && n < POST_BOUND; n++) {
-        if (sem_post(c->sem[WRITER]) != 0)
-            return;
-        atomic_store(&p->posted[WRITER], ++posted);
-    }
+    if (posted < w)
+        owe(c, WRITER, posted, w);
+}
+
+/* After the unlock: the posts accounted under the lock.  A death before they are made
+ * loses them; the waiters' bounded steps find out (unregister, EXPIRED). */
+static void pay(Core *c)
+{
+    for (int cls = READER; cls <= WRITER; cls++)
+        for (; owed[cls]; owed[cls]--)
+            if (sem_post(c->sem[cls]) != 0) { /* EOVERFLOW: more pending than anyone can use */
+                owed[cls] = 0;
+                break;
+            }
 }
 
 static void dec_floor(_Atomic uint64_t *w, uint64_t n)
@@ -455,12 +474,12 @@ static void unregister(Core *c, int cls, int how)
     if (how == NOWAIT || how == CONSUMED)
         return;
     if (how == EXPIRED && atomic_load(&p->posted[cls]) > atomic_load(&p->waiting[cls])) {
-        /* A post meant for us may have arrived as the step ended: absorb the surplus so
-         * strays cannot pile up.  Account first, then take: an interruption in between
-         * leaves a stray post, never a missing one. */
+        /* More posts accounted than waiters: a post meant for us arrived as the step ended
+         * (absorb it, so strays cannot pile up), or its poster died between unlocking and
+         * posting (then there is none to take, and the count drops all the same).  Were it
+         * only late, it becomes a stray: a spurious wake-up, never a lost one (I6). */
         atomic_fetch_sub(&p->posted[cls], 1);
-        if (sem_trywait(c->sem[cls]) != 0)
-            atomic_fetch_add(&p->posted[cls], 1);
+        sem_trywait(c->sem[cls]);
     }
     if (how == EXPIRED) {
         atomic_store(&p->dirty, 1);
@@ -587,15 +606,17 @@ static int lock_until(Core *c, double stop)
 
 static void unlock(Core *c)
 {
-    STEP(LOCK_UNLOCKED);
 #ifdef HAVE_ROBUST_MUTEX
-    if (c->mutex_kind == MUTEX_ROBUST) {
+    if (c->mutex_kind == MUTEX_ROBUST)
         pthread_mutex_unlock(&c->pg->mutex.m);
-        return;
-    }
+    else
 #endif
-    byte_try(c, F_UNLCK, MUTEX_BYTE_OFFSET);
-    pthread_mutex_unlock(&c->local);
+    {
+        byte_try(c, F_UNLCK, MUTEX_BYTE_OFFSET);
+        pthread_mutex_unlock(&c->local);
+    }
+    STEP(LOCK_UNLOCKED);
+    pay(c);
 }
 
 /* After taking the lock: repair what a dead holder left, then mark a robust mutex
@@ -846,8 +867,12 @@ static int slow_path(Core *c, int op, uint64_t v, int reg, double until, double 
     if (reg >= 0)
         goto wait;
     for (;;) {
-        int r;
-        for (;;) { /* the lock, in steps */
+        int r = BUSY;
+        if (how == CONSUMED && (r = lock_try(c)) == BUSY) /* (posts come after unlocks) */
+            atomic_fetch_add_explicit(&woken_busy, 1, memory_order_relaxed);
+        if (r == BROKEN)
+            return RES_CORRUPT;
+        while (r == BUSY) { /* the lock, in steps */
             double t = now();
             double stop = t + step < lock_stop ? t + step : lock_stop;
             r = stop > t ? lock_until(c, stop) : lock_try(c);
@@ -1509,7 +1534,7 @@ static PyObject *core_stats(Core *c, PyObject *unused)
     sem_getvalue(c->sem[1], &sv[1]);
 #endif
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsisisi}",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsisisi}",
         "counter", (unsigned long long)atomic_load(&p->counter),
         "dirty", (unsigned long long)atomic_load(&p->dirty),
         "armed", (unsigned long long)atomic_load(&p->armed),
@@ -1522,6 +1547,7 @@ static PyObject *core_stats(Core *c, PyObject *unused)
         "abandoned",
         (unsigned long long)(atomic_load(&c->abandoned[0]) + atomic_load(&c->abandoned[1])),
         "woken", (unsigned long long)atomic_load(&woken),
+        "woken_busy", (unsigned long long)atomic_load(&woken_busy),
         "slot", c->slot, "sem_r", sv[0], "sem_w", sv[1]);
 }
 

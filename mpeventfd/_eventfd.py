@@ -97,9 +97,9 @@ class EventFD(_core.Handle):
             OSError: ``EBADF`` if the handle is (or gets) closed.
         """
         delay = 0.0005
-        self._live().arm()  # it waits for readability
         while True:
             core = self._live()
+            core.arm()  # (it waits for readability; one load once armed)
             if not core.peek():
                 await _aio.wait_readable(core.fds[1])
                 continue

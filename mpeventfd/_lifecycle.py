@@ -53,7 +53,8 @@ _closing: dict[bytes, Core] = {}  # closed, but a call in flight keeps it: reviv
 _names_of: dict[Core, str] = {}  # those cores' names (their ident goes with the mapping)
 _reg_lock = threading.Lock()
 _janitor_lock = threading.Lock()
-_pending: set[str] = set()  # names whose liveness test failed at our last detach
+# Names whose liveness test failed at our detach -> no other process was attached then.
+_pending: dict[str, bool] = {}
 _deferred: collections.deque[Core] = collections.deque()  # releases a finalizer could not do
 _janitor: threading.Thread | None = None
 _last_sweep = 0.0
@@ -489,31 +490,29 @@ def _on_free(core: Core) -> None:
 def _after_free(name: str, alone: bool) -> None:
     """Our fds of ``name`` are closed: remove its names if nobody holds any fd of it.
 
-    If someone still does and no other process is attached (the holders are exec'd
-    children that never called ``from_handle``, or a message nobody will receive), no
-    process would ever test again: a reaper process waits for the last fd instead.
+    If someone still does, the janitor retests while this process lives (a concurrent
+    ``fork`` + ``exec`` holds copies for an instant).  If no other process was attached
+    either (the holders are exec'd children that never called ``from_handle``, or a
+    message nobody will receive), nobody would test after our exit: ``shutdown`` then
+    leaves the name to a reaper process.
     """
     if F.ARMED:
         F.hit("detach.closed")
     if liveness_test(name):
         return
-    if alone:
-        _spawn_reaper(name)
-    else:
-        _pending.add(name)
-        _start_janitor()
+    _pending[name] = _pending.get(name, False) or alone
+    _start_janitor()
 
 
 def _spawn_reaper(name: str) -> None:
     """Start ``python -m mpeventfd reap NAME``: it outlives us, holding no fd of the eventfd."""
     try:
         subprocess.Popen(
-            [sys.executable, "-m", "mpeventfd", "reap", name], close_fds=True,
+            [sys.executable, "-m", "mpeventfd", "reap", "--", name], close_fds=True,
             start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
-    except OSError:  # out of processes or fds: the next sweep or `cleanup` removes it
-        _pending.add(name)
-        _start_janitor()
+    except OSError:
+        pass  # out of processes or fds: `cleanup`, or a later creation's sweep, removes it
 
 
 def reap_when_free(name: str) -> bool:
@@ -723,7 +722,7 @@ def _retest_pending() -> None:
     for name in list(_pending):
         try:
             if liveness_test(name):
-                _pending.discard(name)
+                _pending.pop(name, None)
         except OSError:
             pass
 
@@ -740,6 +739,10 @@ def shutdown() -> None:
         if name:
             _after_free(name, core.alone)
     _retest_pending()
+    for name, alone in list(_pending.items()):
+        if alone:  # held, and by nobody who will ever test: a reaper waits for them
+            _spawn_reaper(name)
+            _pending.pop(name, None)
 
 
 def _after_fork_child() -> None:

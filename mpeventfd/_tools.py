@@ -72,7 +72,7 @@ def inspect(name: str, pids: set[int]) -> Info:
         counter = int(header["counter"])
         names = ["EFD_SEMAPHORE"] if header["semaphore"] else []
         names += ["EFD_NONBLOCK"] if header["nonblock"] else []
-        flags = "|".join(names) or "0"
+        flags = "|".join(names) or "none"
     except (OSError, ValueError):
         pass  # foreign, torn or corrupt: shown as unknown
     finally:
@@ -92,7 +92,8 @@ def ls_command(out: TextIO) -> int:
     if not infos:
         out.write("no eventfds\n")
         return 0
-    out.write(f"{'id':24} {'counter':>22} {'flags':28} pids\n")
+    # Only what belongs to the eventfd itself: EFD_CLOEXEC is per handle (see repr()).
+    out.write(f"{'id':24} {'counter':>22} {'shared flags':28} pids\n")
     for info in infos:
         counter = "?" if info.counter is None else str(info.counter)
         pids = ",".join(map(str, info.pids)) or "-"

@@ -357,3 +357,21 @@ def test_a_replaced_fileno_never_becomes_a_childs_lock_carrier() -> None:
         os.close(impostor)
         os.dup2(efd.fds[2], rfd)  # any fd at the number, for close() to close
         efd.close()
+
+
+def test_a_post_lost_with_its_poster_is_made_up_by_the_waiters_step(backend: str) -> None:
+    """Posts are made after the unlock (a woken reader would find the lock still held):
+    a writer killed in between has accounted a post it never made.  The waiter's bounded
+    step finds the counter all the same, and the accounting drops the phantom post."""
+    with EventFD(0) as efd:
+        reader = fork_child(lambda: 0 if efd.read(timeout=10) == 3 else 1)
+        wait_until(lambda: stats(efd)["waiting_r"] == 1)
+        writer = victim(efd, "lock.unlocked", "kill", lambda e: e.write(3))
+        assert killed(reap(writer))
+        t0 = time.monotonic()
+        assert reap(reader) == 0
+        assert time.monotonic() - t0 < 0.6  # one wait step (250 ms) and the read
+        next_operation_within(efd)
+        words = stats(efd)
+        assert (words["waiting_r"], words["posted_r"]) == (0, 0)
+        check_usable(efd)

@@ -513,3 +513,18 @@ def test_a_parent_detaching_before_its_attached_fork_child_starts_no_reaper(wait
     wait_until(lambda: not os.path.exists(_names.state_path(name)))
     for fd in (r, w, ready_r, ready_w):
         os.close(fd)
+
+
+def test_ls_shows_the_eventfds_own_flags_and_nothing_per_handle() -> None:
+    """Close-on-exec is per handle (repr() shows it); ls shows what every handle shares.
+    (ls once printed flags 0 for an eventfd whose repr said EFD_CLOEXEC.)"""
+    from mpeventfd import EFD_NONBLOCK, EFD_SEMAPHORE
+
+    with EventFD(2, EFD_SEMAPHORE | EFD_NONBLOCK) as shared, EventFD(1) as plain:
+        out = subprocess.run([sys.executable, "-m", "mpeventfd", "ls"],
+                             capture_output=True, text=True, timeout=60)
+        lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+        assert lines[name_of(shared)].split()[2] == "EFD_SEMAPHORE|EFD_NONBLOCK"
+        assert lines[name_of(plain)].split()[2] == "none"
+        assert "EFD_CLOEXEC" in repr(plain)
+        assert "EFD_CLOEXEC" not in out.stdout
