@@ -68,6 +68,7 @@ _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
 #define PATIENCE 1.0    /* a non-blocking call waits this long for a held lock */
 #define POST_BOUND 65536 /* posts per section: a scribbled count cannot loop for ever */
 #define SPIN_READ 50e-6  /* a blocking normal-mode read watches the counter this long */
+#define LOCK_SPINS 100   /* tries of a busy robust mutex before sleeping on it (~2 us) */
 
 /*
  * The shared page, word by word (layout version 3, native byte order).
@@ -300,8 +301,11 @@ static int slot_alive(Core *c, int i) { return byte_held_elsewhere(c, LIVENESS_B
 /* Make fileno() readable.  A full pipe already is, so EAGAIN is success. */
 static void pipe_byte(Core *c)
 {
+    /* Through our own non-blocking description where we have one: a user may have made
+     * the shared write end blocking (and the pipe full). */
     static const char one = 1;
-    while (write(c->fd[2], &one, 1) < 0 && errno == EINTR)
+    int fd = c->carrier == CARRIER_PIPE ? c->priv : c->fd[2];
+    while (write(fd, &one, 1) < 0 && errno == EINTR)
         ;
 }
 
@@ -487,7 +491,8 @@ static void unregister(Core *c, int cls, int how)
         atomic_store(&p->dirty, 0);
     }
     restore_readers(c);
-    restore_writers(c);
+    /* (Writers are posted when room grows: by reads, repairs and the lock-free read's
+     * post.  Posting them here would wake every blocked writer at each expiry.) */
 }
 
 static void settle_abandoned(Core *c)
@@ -496,7 +501,7 @@ static void settle_abandoned(Core *c)
         if (!atomic_load_explicit(&c->abandoned[cls], memory_order_relaxed))
             continue; /* (process-local; the exchange below is the real read) */
         for (uint64_t n = atomic_exchange(&c->abandoned[cls], 0); n; n--)
-            unregister(c, cls, FAILED);
+            unregister(c, cls, EXPIRED); /* (a consumed post was given back: abandon) */
     }
 }
 
@@ -561,6 +566,33 @@ static int lock_try(Core *c)
         return BUSY;
     }
     return LOCKED;
+}
+
+/* A section holds the lock for a fraction of a microsecond: when it is busy, retry for a
+ * moment before going to sleep on it (an adaptive mutex; robust mutexes do not spin).  Not
+ * for the byte lock, whose every try is a system call, and not on one CPU. */
+static int lock_cpus = 1;
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int lock_spin(Core *c)
+{
+    int r = lock_try(c);
+    if (r != BUSY || c->mutex_kind != MUTEX_ROBUST || lock_cpus < 2)
+        return r;
+    for (int i = 0; i < LOCK_SPINS && r == BUSY; i++) {
+        for (int j = 0; j < 8; j++)
+            cpu_relax();
+        r = lock_try(c);
+    }
+    return r;
 }
 
 /* Wait for a pthread mutex until `stop` (monotonic); 0 or an errno. */
@@ -729,9 +761,11 @@ static int section(Core *c, int op, uint64_t v, int *reg, int how, double until,
         *reg = -1;
         STEP(WAIT_ACCOUNTED);
     }
-    if (op == OP_POST) { /* after a lock-free commit that a waiter must hear of */
-        restore_readers(c);
-        restore_writers(c);
+    if (op == OP_POST) { /* after a lock-free commit that waiters of class v must hear of */
+        if (v == READER)
+            restore_readers(c);
+        else
+            restore_writers(c); /* (a lock-free read made room) */
         return S_DONE;
     }
     if (op == OP_ARM) { /* readiness, for good: make the pipe match the counter first */
@@ -829,26 +863,57 @@ static int check_signals(PyThreadState **ts)
 /* A registration whose call ends without the lock (a handler raised; the deadline passed
  * while a stopped peer holds the lock): account it now if the lock is free, else leave it
  * to this process's next section.  Until then it only causes extra posts. */
-static void abandon(Core *c, int cls)
+static void abandon(Core *c, int cls, int how)
 {
     int r = lock_try(c);
     if (r == BUSY || r == BROKEN) {
+        /* Settled later as an expired step (W - 1).  A post this wait consumed goes back
+         * first: the count still has it, and another waiter may need it meanwhile. */
+        if (how == CONSUMED)
+            sem_post(c->sem[cls]);
         atomic_fetch_add(&c->abandoned[cls], 1);
         return;
     }
     locked(c, r);
-    unregister(c, cls, FAILED);
+    unregister(c, cls, how);
     unlock(c);
 }
 
 /* What a call ends with. */
-enum { RES_OK, RES_ERROR /* a Python exception is set */, RES_AGAIN, RES_TIMEDOUT, RES_BUSY, RES_EUSERS,
-       RES_CORRUPT, RES_CLOSED };
+enum { RES_OK, RES_ERROR /* a Python exception is set */, RES_AGAIN, RES_TIMEDOUT, RES_BUSY,
+       RES_EUSERS, RES_CORRUPT, RES_FORKED };
 
 static int result_of(int s)
 {
     return s == S_DONE ? RES_OK : s == S_AGAIN ? RES_AGAIN : s == S_TIMEDOUT ? RES_TIMEDOUT
            : s == S_EUSERS ? RES_EUSERS : RES_CORRUPT;
+}
+
+/* Before a blocking normal-mode read sleeps, it watches the counter for a moment: an
+ * answer often comes within microseconds (a ping-pong partner, a producer in a burst), and
+ * seeing it saves the registration, the sleep and the wake-up.  The loads are relaxed:
+ * only a hint, re-checked under the lock.  Never on one CPU (the writer could not run)
+ * and never in semaphore mode (only the readers that can proceed should run). */
+static double spin_seconds;
+
+static void spin_for_counter(Core *c, double until)
+{
+    _Atomic uint64_t *counter = &c->pg->counter;
+    double end = now() + spin_seconds;
+    if (until < end)
+        end = until;
+    while (!atomic_load_explicit(counter, memory_order_relaxed) && now() < end)
+        sched_yield(); /* let a writer that shares our CPU run */
+}
+
+/* Run the signal handlers between steps; RES_FORKED if one of them forked and we are now
+ * the child, which must not go on with its parent's registration. */
+static int between_steps(PyThreadState **ts, unsigned long gen)
+{
+    int r = check_signals(ts);
+    if (atomic_load(&fork_gen) != gen)
+        return RES_FORKED;
+    return r < 0 ? RES_ERROR : RES_OK;
 }
 
 /*
@@ -857,39 +922,44 @@ static int result_of(int s)
  * lock: the caller's deadline, PATIENCE from the first try for a non-blocking call, or the
  * first try itself for a call that never waits for it (aread).  With `interruptible` the
  * main thread runs signal handlers between steps; a call that has committed passes 0, so
- * that a handler's exception can only come after it returns.
+ * that a handler's exception can only come after it returns.  `spin`: watch the counter
+ * first (spin_for_counter).
  */
 static int slow_path(Core *c, int op, uint64_t v, int reg, double until, double lock_stop,
-                     int interruptible, uint64_t *got, PyThreadState **ts)
+                     int interruptible, int spin, uint64_t *got, PyThreadState **ts)
 {
-    int how = FAILED;
+    int how = FAILED, res;
+    unsigned long gen = atomic_load(&fork_gen);
     double step = is_main_thread() ? STEP_MAIN : STEP_OTHER;
+    if (spin)
+        spin_for_counter(c, until);
     if (reg >= 0)
         goto wait;
     for (;;) {
         int r = BUSY;
         if (how == CONSUMED && (r = lock_try(c)) == BUSY) /* (posts come after unlocks) */
             atomic_fetch_add_explicit(&woken_busy, 1, memory_order_relaxed);
-        if (r == BROKEN)
-            return RES_CORRUPT;
         while (r == BUSY) { /* the lock, in steps */
             double t = now();
             double stop = t + step < lock_stop ? t + step : lock_stop;
             r = stop > t ? lock_until(c, stop) : lock_try(c);
-            if (r == BROKEN)
-                return RES_CORRUPT;
             if (r != BUSY)
                 break;
             if (now() >= lock_stop) {
                 if (reg >= 0)
-                    abandon(c, reg);
+                    abandon(c, reg, how);
                 return until < 0 ? RES_BUSY : RES_TIMEDOUT;
             }
-            if (interruptible && check_signals(ts) < 0) {
-                if (reg >= 0)
-                    abandon(c, reg);
-                return RES_ERROR;
+            if (interruptible && (res = between_steps(ts, gen)) != RES_OK) {
+                if (reg >= 0 && res != RES_FORKED)
+                    abandon(c, reg, how);
+                return res;
             }
+        }
+        if (r == BROKEN) {
+            if (reg >= 0)
+                abandon(c, reg, how);
+            return RES_CORRUPT;
         }
         locked(c, r);
         int s = section(c, op, v, &reg, how, until, got);
@@ -899,9 +969,10 @@ static int slow_path(Core *c, int op, uint64_t v, int reg, double until, double 
     wait: {
         double t = now(), stop = t + step < until ? t + step : until;
         how = wait_post(c, reg, stop);
-        if (how == EXPIRED && interruptible && check_signals(ts) < 0) {
-            abandon(c, reg);
-            return RES_ERROR;
+        if (how == EXPIRED && interruptible && (res = between_steps(ts, gen)) != RES_OK) {
+            if (res != RES_FORKED)
+                abandon(c, reg, how);
+            return res;
         }
         if (until != INFINITY) /* a registered waiter waits for the lock until its deadline */
             lock_stop = until;
@@ -953,71 +1024,54 @@ static int ensure_own(Core *c)
 static void release_after(Core *c);
 
 /* `op` on the locked path: one try with the GIL held (the usual case: no wait), else the
- * slow path without it.  Returns a RES_ code. */
+ * slow path without it.  `spin`: a blocking normal-mode read watches the counter first.
+ * Returns a RES_ code. */
 static int locked_op(Core *c, int op, uint64_t v, double until, double lock_stop,
-                     int interruptible, uint64_t *got)
+                     int interruptible, int spin, uint64_t *got)
 {
     if (ensure_own(c) != 0)
         return RES_ERROR;
-    int reg = -1, r = lock_try(c);
+    int reg = -1, r = BUSY, res = -1;
+    spin = spin && spin_seconds > 0 && !atomic_load_explicit(&c->pg->counter,
+                                                             memory_order_relaxed);
+    c->inflight++; /* (also covers the test hook that lets the GIL go inside a section) */
+    if (!spin)
+        r = lock_spin(c);
     if (r == BROKEN)
-        return RES_CORRUPT;
-    if (r != BUSY) {
+        res = RES_CORRUPT;
+    else if (r != BUSY) {
         locked(c, r);
         int s = section(c, op, v, &reg, FAILED, until, got);
         unlock(c);
         if (s != S_WAIT)
-            return result_of(s);
+            res = result_of(s);
     }
-    if (lock_stop < 0)
-        lock_stop = now() + PATIENCE;
-    c->inflight++;
-    PyThreadState *ts = PyEval_SaveThread();
-    int res = slow_path(c, op, v, reg, until, lock_stop, interruptible, got, &ts);
-    PyEval_RestoreThread(ts);
+    if (res < 0) {
+        if (lock_stop < 0)
+            lock_stop = now() + PATIENCE;
+        PyThreadState *ts = PyEval_SaveThread();
+        res = slow_path(c, op, v, reg, until, lock_stop, interruptible, spin, got, &ts);
+        PyEval_RestoreThread(ts);
+        if (res == RES_FORKED) /* a handler forked: this is the child, and its call ends */
+            return res;        /* (its inflight count is its own, from zero) */
+    }
     c->inflight--;
     release_after(c);
     return res;
 }
 
-/* After a lock-free commit that a waiter needs to hear of.  The call has committed and must
- * not fail now: it waits for the lock at most PATIENCE and runs no signal handler; a waiter
- * whose post this skips re-checks under the lock at the end of its wait step anyway. */
-static void post_after(Core *c)
+/* After a lock-free commit that a waiter needs to hear of (`cls`).  The call has committed
+ * and must not fail now: it waits for the lock no longer than the caller allows (and at most
+ * PATIENCE), and runs no signal handler; a waiter whose post this skips re-checks under the
+ * lock at the end of its wait step anyway. */
+static void post_after(Core *c, int cls, double lock_stop)
 {
     uint64_t unused;
-    locked_op(c, OP_POST, 0, -1.0, -1.0, 0, &unused);
+    double limit = now() + PATIENCE;
+    locked_op(c, OP_POST, (uint64_t)cls, -1.0, lock_stop >= 0 && lock_stop < limit ? lock_stop
+              : limit, 0, 0, &unused);
     if (PyErr_Occurred()) /* (ensure_own in a fork child could fail; the write stands) */
         PyErr_Clear();
-}
-
-/* Before a blocking normal-mode read sleeps, it watches the counter for a moment, without
- * the GIL: an answer often comes within microseconds (a ping-pong partner, a producer in a
- * burst), and seeing it saves the registration, the sleep and the wake-up.  The loads are
- * relaxed: only a hint, re-checked under the lock.  Never on one CPU (the writer could not
- * run) and never in semaphore mode (only the readers that can proceed should run). */
-static double spin_seconds;
-
-static void release_after(Core *c);
-
-static int spin_for_counter(Core *c, double until)
-{
-    _Atomic uint64_t *counter = &c->pg->counter;
-    if (atomic_load_explicit(counter, memory_order_relaxed))
-        return 0;
-    c->inflight++;
-    PyThreadState *ts = PyEval_SaveThread();
-    double end = now() + spin_seconds;
-    if (until < end)
-        end = until;
-    while (!atomic_load_explicit(counter, memory_order_relaxed) && now() < end)
-        sched_yield(); /* let a writer that shares our CPU run */
-    PyEval_RestoreThread(ts);
-    c->inflight--;
-    if (!c->closed)
-        return 0;
-    release_after(c); /* closed meanwhile by another thread: the call has not begun */
-    return -1;
 }
 
 /* Do readers wait for a post that this lock-free write must issue?  (Right after its CAS.) */
@@ -1041,12 +1095,12 @@ static int core_write(Core *c, uint64_t v, double until, double lock_stop, int i
         if (atomic_compare_exchange_weak(&p->counter, &cnt, cnt + v)) {
             STEP(WRITE_LOCKFREE);
             if (readers_want(c, cnt + v))
-                post_after(c);
+                post_after(c, READER, lock_stop);
             return RES_OK;
         }
     }
     uint64_t unused;
-    return locked_op(c, OP_WRITE, v, until, lock_stop, interruptible, &unused);
+    return locked_op(c, OP_WRITE, v, until, lock_stop, interruptible, 0, &unused);
 }
 
 static int core_read(Core *c, double until, double lock_stop, uint64_t *got)
@@ -1060,25 +1114,24 @@ static int core_read(Core *c, double until, double lock_stop, uint64_t *got)
                 STEP(READ_LOCKFREE);
                 /* The other half of section()'s Dekker pair. */
                 if (atomic_load(&p->waiting[WRITER]) > atomic_load(&p->posted[WRITER]))
-                    post_after(c);
+                    post_after(c, WRITER, lock_stop);
                 *got = 1;
                 return RES_OK;
             }
         }
     }
-    if (!c->semaphore && until != -1.0 && spin_seconds > 0 && spin_for_counter(c, until))
-        return RES_CLOSED;
-    return locked_op(c, OP_READ, 0, until, lock_stop, 1, got);
+    return locked_op(c, OP_READ, 0, until, lock_stop, 1, !c->semaphore && until != -1.0, got);
 }
 
 /* Readiness is armed once a pollable fd is handed out anywhere (fileno(), fds, handle,
- * aread): until then no transition touches the pipe, since nobody can poll it. */
+ * aread): until then no transition touches the pipe, since nobody can poll it.  Arming
+ * waits for the lock at most PATIENCE (BlockingIOError past it: a stopped holder). */
 static int core_arm(Core *c)
 {
     if (__builtin_expect(atomic_load(&c->pg->armed) != 0, 1))
         return RES_OK;
     uint64_t unused;
-    return locked_op(c, OP_ARM, 0, INFINITY, INFINITY, 1, &unused);
+    return locked_op(c, OP_ARM, 0, INFINITY, now() + PATIENCE, 1, 0, &unused);
 }
 
 static PyObject *closed_error(void)
@@ -1101,7 +1154,12 @@ static PyObject *raise_result(int r)
                             "(a stopped holder?) for longer than a non-blocking call waits");
         break;
     case RES_EUSERS: set_oserror(EUSERS, "more than 1024 processes wait on this eventfd"); break;
-    case RES_CLOSED: closed_error(); break;
+    case RES_FORKED:
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError,
+                            "a signal handler forked during this eventfd call: the child does "
+                            "not go on with it (the parent's call goes on)");
+        break;
     case RES_CORRUPT:
         PyErr_SetString(StateError, "the shared state is out of range: the state file was "
                                     "corrupted by another process");
@@ -1160,8 +1218,12 @@ static void release_after(Core *c)
         PyErr_Fetch(&t, &v, &tb);
 #endif
         PyObject *r = PyObject_CallOneArg(c->on_free, (PyObject *)c);
-        if (!r)
+        if (!r && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+            PyErr_Clear(); /* a handler's Ctrl-C, which ran inside the callback: keep it */
+            PyErr_SetInterrupt();
+        } else if (!r) {
             PyErr_WriteUnraisable(c->on_free);
+        }
         Py_XDECREF(r);
 #if PY_VERSION_HEX >= 0x030C0000
         PyErr_SetRaisedException(saved);
@@ -1342,15 +1404,13 @@ static void core_dealloc(Core *c)
 
 /* -- argument conversion ------------------------------------------------------------------- */
 
-/* timeout -> (until, lock_stop).  None follows the blocking mode, read once at entry as the
- * kernel reads O_NONBLOCK; 0 never waits for the counter; inf waits for ever.  until: -1
- * for "never wait", INFINITY, or a monotonic deadline; lock_stop: -1 for "PATIENCE from
- * the first try", else the same. */
-static int convert_timeout(Core *c, PyObject *timeout, double *until)
+/* timeout -> until: -1 never waits for the counter (0), INFINITY waits for ever (inf), else
+ * a monotonic deadline; NAN for None.  Argument conversion runs before the handle's core is
+ * looked at: __index__ or __float__ may run Python code, which may close the handle. */
+static int convert_timeout(PyObject *timeout, double *until)
 {
     if (timeout == NULL || timeout == Py_None) {
-        /* (relaxed: a mode change races with calls in flight anyway, as on Linux) */
-        *until = atomic_load_explicit(&c->pg->nonblock, memory_order_relaxed) ? -1.0 : INFINITY;
+        *until = NAN; /* the blocking mode decides, once the core is in hand (follow_mode) */
         return 0;
     }
     if (!PyFloat_Check(timeout) && !PyLong_Check(timeout)) {
@@ -1367,6 +1427,15 @@ static int convert_timeout(Core *c, PyObject *timeout, double *until)
     }
     *until = t == 0 ? -1.0 : t >= 1e12 ? INFINITY : now() + t; /* (1e12 s: for ever) */
     return 0;
+}
+
+/* timeout=None follows the blocking mode, read once at entry as the kernel reads
+ * O_NONBLOCK (relaxed: a mode change races with calls in flight anyway, as on Linux). */
+static double follow_mode(Core *c, double until)
+{
+    if (!isnan(until))
+        return until;
+    return atomic_load_explicit(&c->pg->nonblock, memory_order_relaxed) ? -1.0 : INFINITY;
 }
 
 /* The value of write(): an int, or anything with __index__ (bool too, as os.eventfd_write). */
@@ -1495,12 +1564,12 @@ static PyObject *core_try_read(Core *c, PyObject *unused)
 /* try_write(value): the same for a write: True, False if the lock was busy, or raises. */
 static PyObject *core_try_write(Core *c, PyObject *value)
 {
+    uint64_t v;
+    if (convert_value(value, &v) != 0) /* (first: it may run Python code) */
+        return NULL;
     LIVE_OR_RAISE(c);
     if (c->closed)
         return closed_error();
-    uint64_t v;
-    if (convert_value(value, &v) != 0)
-        return NULL;
     Py_INCREF(c);
     int r = core_write(c, v, -1.0, 0.0, 1);
     Py_DECREF(c);
@@ -1568,11 +1637,11 @@ static PyObject *core_get_nonblocking(Core *c, void *unused)
 static int core_set_nonblocking(Core *c, PyObject *value, void *unused)
 {
     (void)unused;
-    if (c->freed)
-        return closed_error(), -1;
-    int b = value ? PyObject_IsTrue(value) : -1;
+    int b = value ? PyObject_IsTrue(value) : -1; /* (first: it may run Python code) */
     if (b < 0)
         return -1;
+    if (c->freed)
+        return closed_error(), -1;
     atomic_store(&c->pg->nonblock, (uint64_t)b); /* one store, seen by every process */
     return 0;
 }
@@ -1708,10 +1777,13 @@ static PyObject *handle_write(Handle *h, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     if (nargs == 1)
         a[0] = args[0];
-    Core *c = live(h);
-    if (!c || (a[0] && convert_value(a[0], &v) != 0) || convert_timeout(c, a[1], &until) != 0)
+    if ((a[0] && convert_value(a[0], &v) != 0) || convert_timeout(a[1], &until) != 0)
         return NULL;
-    Py_INCREF(c); /* a concurrent close() must not free the object under the call */
+    Core *c = live(h);
+    if (!c)
+        return NULL;
+    Py_INCREF(c); /* a close() from another thread must not free the object under the call */
+    until = follow_mode(c, until);
     int r = core_write(c, v, until, until, 1);
     Py_DECREF(c);
     if (r != RES_OK)
@@ -1725,12 +1797,14 @@ static PyObject *handle_read(Handle *h, PyObject *const *args, Py_ssize_t nargs,
     PyObject *timeout = NULL;
     uint64_t got = 0;
     double until;
-    if (parse("read", args, nargs, kw, names, 1, &timeout) != 0)
+    if (parse("read", args, nargs, kw, names, 1, &timeout) != 0 ||
+        convert_timeout(timeout, &until) != 0)
         return NULL;
     Core *c = live(h);
-    if (!c || convert_timeout(c, timeout, &until) != 0)
+    if (!c)
         return NULL;
     Py_INCREF(c);
+    until = follow_mode(c, until);
     int r = core_read(c, until, until, &got);
     Py_DECREF(c);
     if (r != RES_OK)
@@ -1751,11 +1825,13 @@ static PyObject *handle_fileno(Handle *h, PyObject *unused)
     if (!c)
         return NULL;
     Py_INCREF(c);
-    int r = core_arm(c);
+    int r = core_arm(c), fd = c->fd[1], freed = c->freed;
     Py_DECREF(c);
     if (r != RES_OK)
         return raise_result(r);
-    return PyLong_FromLong(c->fd[1]);
+    if (freed)
+        return closed_error();
+    return PyLong_FromLong(fd);
 }
 
 static void handle_dealloc(Handle *h)
@@ -2030,6 +2106,7 @@ PyMODINIT_FUNC PyInit__core(void)
         cpus = CPU_COUNT(&set);
 #endif
     spin_seconds = cpus > 1 ? SPIN_READ : 0.0;
+    lock_cpus = (int)cpus;
     if (pthread_atfork(NULL, NULL, after_fork_child) != 0)
         return PyErr_Format(PyExc_RuntimeError, "pthread_atfork failed");
     PyObject *m = PyModule_Create(&module);

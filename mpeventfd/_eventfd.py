@@ -99,7 +99,11 @@ class EventFD(_core.Handle):
         delay = 0.0005
         while True:
             core = self._live()
-            core.arm()  # (it waits for readability; one load once armed)
+            try:
+                core.arm()  # (it waits for readability; one load once armed)
+            except BlockingIOError:  # the lock's holder is stopped: do not block the loop
+                await asyncio.sleep(0.02)
+                continue
             if not core.peek():
                 await _aio.wait_readable(core.fds[1])
                 continue

@@ -255,10 +255,11 @@ def attach(state_fd: int, rfd: int, wfd: int, *, expect: bytes | None = None,
     the id the sender claimed.  Raises :class:`StateError` (a ``ValueError``) for anything
     foreign, forged or corrupt, ``FileNotFoundError`` if a name was removed from outside.
     """
+    taken = [False]  # set once a core owns the fds: from then on only it closes them
     try:
-        core = _attach(state_fd, rfd, wfd, expect)
+        core = _attach(state_fd, rfd, wfd, expect, taken)
     except BaseException:
-        if own:
+        if own and not taken[0]:
             for fd in (state_fd, rfd, wfd):
                 try:
                     os.close(fd)
@@ -268,7 +269,8 @@ def attach(state_fd: int, rfd: int, wfd: int, *, expect: bytes | None = None,
     return core
 
 
-def _attach(state_fd: int, rfd: int, wfd: int, expect: bytes | None) -> Core:
+def _attach(state_fd: int, rfd: int, wfd: int, expect: bytes | None,
+            taken: list[bool]) -> Core:
     if len({state_fd, rfd, wfd}) != 3:
         raise StateError("the three fds of an eventfd must be distinct")
     st = _check_state_fd(state_fd)
@@ -293,7 +295,12 @@ def _attach(state_fd: int, rfd: int, wfd: int, expect: bytes | None) -> Core:
         if F.ARMED:
             F.hit("attach.sems")
         core = _new_core(name, state_fd, rfd, wfd, header["carrier"])
-        _register_locked(core)
+        taken[0] = True
+        try:
+            _register_locked(core)
+        except BaseException:
+            core.close()  # (it closes the fds it owns)
+            raise
         return core
 
 
@@ -688,7 +695,10 @@ def _start_janitor() -> None:
         if _janitor is not None and _janitor.is_alive():
             return
         _janitor = threading.Thread(target=_janitor_loop, name="mpeventfd-janitor", daemon=True)
-        _janitor.start()
+        try:
+            _janitor.start()
+        except RuntimeError:  # interpreter shutdown (3.12+): shutdown() retests itself
+            _janitor = None
     finally:
         _janitor_lock.release()
 

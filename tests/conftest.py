@@ -133,6 +133,10 @@ def leak_guard() -> Iterator[None]:
         child.kill()
         child.join(5)
     assert not children, f"test left child processes running: {children}"
+    from helpers import reap_leftovers
+
+    forked = reap_leftovers()
+    assert not forked, f"test left forked children unreaped: {forked}"
     # A test that handed an eventfd to a live process started multiprocessing's resource
     # sharer thread; stop it, or every later fork warns about forking a threaded process.
     from multiprocessing import resource_sharer

@@ -57,6 +57,11 @@ def wait_readable(fd: int, timeout: float = TIMEOUT) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
+# Children forked by fork_child and not reaped yet: the leak guard kills and reaps what a
+# test (a failing one, typically) left behind, and fails the test for it.
+FORKED: set[int] = set()
+
+
 def fork_child(body: Callable[[], int | None]) -> int:
     """``os.fork`` a child that runs ``body`` and leaves through ``os._exit``."""
     pid = os.fork()
@@ -70,6 +75,7 @@ def fork_child(body: Callable[[], int | None]) -> int:
             traceback.print_exc()
         finally:
             os._exit(code)
+    FORKED.add(pid)
     return pid
 
 
@@ -79,10 +85,12 @@ def reap(pid: int, timeout: float = TIMEOUT) -> int:
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
+            FORKED.discard(pid)
             return os.waitstatus_to_exitcode(status)
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            FORKED.discard(pid)
             raise AssertionError(f"child {pid} did not exit within {timeout} s")
         time.sleep(0.005)
 
@@ -170,3 +178,20 @@ def sleeping(pid: int) -> bool:
     """True while ``pid``'s main thread sleeps (state S in proc_pid_stat(5))."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "S"
+
+
+def reap_leftovers() -> list[int]:
+    """Reap every fork_child child; SIGKILL those still running and return their pids."""
+    running = []
+    for pid in sorted(FORKED):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                continue  # it had exited: only unreaped
+            running.append(pid)
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass  # reaped elsewhere already
+    FORKED.clear()
+    return running

@@ -157,3 +157,45 @@ def test_max_value_boundaries_never_wrap() -> None:
             efd.write(1, timeout=0)
         assert efd.read() == MAX_VALUE
         assert errno.EAGAIN
+
+
+class _ClosingIndex:
+    """An int-like whose conversion closes the handle it is passed to."""
+
+    def __init__(self, efd: EventFD) -> None:
+        self.efd = efd
+
+    def __index__(self) -> int:
+        self.efd.close()
+        return 1
+
+
+class _ClosingFloat(int):
+    efd: EventFD
+
+    def __float__(self) -> float:
+        self.efd.close()
+        return 1.0
+
+
+def test_an_argument_whose_conversion_closes_the_handle_gets_ebadf() -> None:
+    """Conversions run Python code; a handle they close must not be used after that.
+    (The interpreter once crashed reading a freed mapping.)"""
+    calls: list[Callable[[EventFD], object]] = [
+        lambda e: e.write(_ClosingIndex(e)),  # type: ignore[arg-type]
+        lambda e: e.write(1, _closing_float(e)),
+        lambda e: e.read(timeout=_closing_float(e)),
+        lambda e: asyncio.run(e.awrite(_ClosingIndex(e))),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        efd = EventFD(1)
+        with pytest.raises(OSError) as info:
+            call(efd)
+        assert info.value.errno == errno.EBADF
+        assert efd.closed
+
+
+def _closing_float(efd: EventFD) -> _ClosingFloat:
+    t = _ClosingFloat(1)
+    t.efd = efd
+    return t

@@ -28,7 +28,16 @@ from crashkit import (
     victim,
     wake_when_blocked,
 )
-from helpers import LineReader, blocked_in_poll, fork_child, python, reap, stats, wait_until
+from helpers import (
+    LineReader,
+    blocked_in_poll,
+    fork_child,
+    python,
+    reap,
+    sleeping,
+    stats,
+    wait_until,
+)
 from mpeventfd import EventFD, _core, _faults, _lifecycle
 from mpeventfd._probe import PLATFORM
 
@@ -375,3 +384,47 @@ def test_a_post_lost_with_its_poster_is_made_up_by_the_waiters_step(backend: str
         words = stats(efd)
         assert (words["waiting_r"], words["posted_r"]) == (0, 0)
         check_usable(efd)
+
+
+def test_a_waiter_that_times_out_holding_a_consumed_post_gives_it_back(backend: str) -> None:
+    """X consumed a post, then could not get the lock (a stopped holder) before its
+    deadline.  It gives the post back: another reader is then woken by the next write's
+    post, not by the end of its wait step.  (The post was once lost until X's process
+    used the eventfd again.)"""
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    lines = LineReader()
+    with EventFD(0) as efd:
+        def x() -> int:
+            _faults.arm("wait.woken", f"block:{go_r}")
+            try:
+                efd.read(timeout=1.0)
+                os.write(lines.w, b"read\n")
+            except TimeoutError:
+                os.write(lines.w, b"timeout\n")
+            os.read(done_r, 1)  # alive, and not touching the eventfd, until the end
+            return 0
+
+        xpid = fork_child(x)
+        wait_until(lambda: stats(efd)["waiting_r"] == 1)
+        efd.write(1)  # X consumes the post and holds still at wait.woken
+        wait_until(lambda: stats(efd)["sem_r"] == 0 and sleeping(xpid))
+        holder = victim(efd, "read.locked", "stop", lambda e: e.read(timeout=5))
+        os.waitpid(holder, os.WUNTRACED)  # it holds the lock, stopped before taking the 1
+        try:
+            os.write(go_w, b"x")
+            assert lines.line() == "timeout"
+        finally:
+            os.kill(holder, signal.SIGCONT)
+            assert reap(holder) == 3  # it took the 1
+        reader = fork_child(lambda: 0 if efd.read(timeout=5) == 1 else 1)
+        wait_until(lambda: sleeping(reader) and stats(efd)["waiting_r"] >= 2)
+        t0 = time.monotonic()
+        efd.write(1)
+        assert reap(reader) == 0
+        assert time.monotonic() - t0 < 0.15  # a post, not the end of a 250 ms step
+        os.write(done_w, b"x")
+        assert reap(xpid) == 0
+    for fd in (go_r, go_w, done_r, done_w):
+        os.close(fd)
+    lines.close()

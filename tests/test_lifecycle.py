@@ -155,7 +155,7 @@ def test_2000_cycles_while_another_thread_spawns_subprocesses() -> None:
 
     def spawner() -> None:
         while not stop.is_set():
-            subprocess.run(["true"], check=True)
+            subprocess.run(["/bin/true"], check=True)  # (absolute: PATH may be bare)
 
     t = threading.Thread(target=spawner)
     t.start()

@@ -10,6 +10,7 @@ and nothing may hang.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import random
@@ -55,6 +56,10 @@ class Log:
 
     def pipe(self) -> tuple[int, int]:
         r, w = os.pipe()
+        if hasattr(fcntl, "F_SETPIPE_SZ"):
+            # One page: a writer blocks on its log after ~800 lines, instead of filling
+            # 64 KiB (13,000 lines to parse) between two kills.
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
         os.set_blocking(r, False)
         self.pipes[r] = b""
         self.lines[r] = []
