@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,16 @@ def record(name: str, value: float) -> None:
 def record_kill(step: str) -> None:
     """A test SIGKILLed a process at the named ``step`` (README "Reliability")."""
     KILLED_STEPS.add(step)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts a background job (`cmd &`, nohup, a CI runner's script) with SIGINT
+    # ignored (POSIX "Asynchronous Lists"), and Python then leaves it ignored instead of
+    # raising KeyboardInterrupt (docs of the signal module, "Python installs a small number
+    # of signal handlers by default").  The signal tests assert KeyboardInterrupt from real
+    # SIGINTs, so the suite must not depend on how it was started: restore Python's own.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
