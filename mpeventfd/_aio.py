@@ -9,12 +9,21 @@ finds it in place, so a steady ``while True: await efd.aread()`` costs no ``add_
 waiter is cancelled, and before the fd closes (its number would be reused).  Consuming
 always happens in a non-blocking read after the wake, never inside an ``await``, so a
 cancelled call consumes nothing.
+
+On loops other than asyncio's selector loops (uvloop, say) the registration pauses instead
+between wake-ups: it stops reading the fd once it has woken someone and resumes at the next
+wait.  libuv polls once more before the woken task runs and drains, so a registration kept
+in place there fires twice per wake-up (measured: 1.9 callbacks per ``aread``, against 1.0
+on the default loop), while its ``add_reader``/``remove_reader`` are cheap; on a selector
+loop each of those is a selector modification and Python handle objects, and pausing made
+a wake-up 2-3x slower.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from asyncio.selector_events import BaseSelectorEventLoop
 
 _REGISTERED: dict[tuple[int, int], _Readable] = {}
 # Re-entrant: a finalizer that the GC runs inside a guarded block of this thread closes a
@@ -30,7 +39,16 @@ class _Readable:
         self.fd = fd
         self.waiters: list[asyncio.Future[None]] = []
         self.idle = 0
+        # Pause between wake-ups (see the module's docstring) unless this is a selector loop.
+        self.pausing = not isinstance(loop, BaseSelectorEventLoop)
+        self.paused = False
         loop.add_reader(fd, self.fire)
+
+    def resume(self) -> None:
+        """A task waits again: read the fd again if the last wake-up paused it."""
+        if self.paused:
+            self.paused = False
+            self.loop.add_reader(self.fd, self.fire)
 
     def fire(self) -> None:
         """Readable (or told to re-check): wake every waiter.
@@ -47,6 +65,9 @@ class _Readable:
         self.idle = 0 if woke else self.idle + 1
         if self.idle >= 2:
             self.drop()
+        elif woke and self.pausing:
+            self.paused = True
+            self.loop.remove_reader(self.fd)
 
     def drop(self) -> None:
         """Forget the registration; it must never outlive the fd (its number gets reused)."""
@@ -65,6 +86,7 @@ async def wait_readable(fd: int) -> None:
         reg = _REGISTERED.get(key)
         if reg is None or reg.loop is not loop:  # (an id a closed loop had, reused)
             reg = _REGISTERED[key] = _Readable(loop, fd)
+        reg.resume()
         fut: asyncio.Future[None] = loop.create_future()
         reg.waiters.append(fut)
     try:
