@@ -433,7 +433,10 @@ def _print_table(results: list[Result], machine: dict[str, Any]) -> None:
         table.add_column(col)
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: rich would wrap the table to 80 columns
+        console = Console(width=160)
+    console.print(table)
 
 
 def _machine() -> dict[str, Any]:

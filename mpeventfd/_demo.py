@@ -165,7 +165,7 @@ def latency(ctx: Any, progress: Progress) -> Row:
         text += (f"; os.eventfd, in turns with it: p50 {k50:.0f} µs, p99 {k99:.0f} µs.  "
                  "The kernel's figure depends on how deeply idle CPUs sleep (a partner woken "
                  "from a deep idle state takes tens of µs); a blocking mpeventfd read watches "
-                 "the counter for 50 µs first, so this partner rarely sleeps at all")
+                 "the counter for 10 µs first, so this partner rarely sleeps at all")
         notes.append(f"os.eventfd p50 {k50:.0f} µs, p99 {k99:.0f} µs")
     progress.done(text)
     return Row("latency", 2, f"{PINGS} round trips", True, f"{p50:.0f} / {p99:.0f} µs", notes)
