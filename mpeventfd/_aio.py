@@ -78,8 +78,11 @@ class _Readable:
             self.loop.remove_reader(self.fd)
 
 
-async def wait_readable(fd: int) -> None:
-    """Wait until ``fd`` is readable (or a close asks every waiter to re-check)."""
+def waiter(fd: int) -> tuple[_Readable, asyncio.Future[None]]:
+    """A future of the running loop that resolves when ``fd`` is readable (or a close asks
+    every waiter to re-check).  The caller awaits it, and on cancellation hands both back
+    to :func:`cancelled`.  (A plain function rather than a coroutine: a coroutine frame per
+    wait is measurable on the wake-up path.)"""
     loop = asyncio.get_running_loop()
     key = (id(loop), fd)
     with _guard:
@@ -89,16 +92,17 @@ async def wait_readable(fd: int) -> None:
         reg.resume()
         fut: asyncio.Future[None] = loop.create_future()
         reg.waiters.append(fut)
-    try:
-        await fut
-    except asyncio.CancelledError:
-        with _guard:
-            if fut in reg.waiters:
-                reg.waiters.remove(fut)
-            idle = not reg.waiters
-        if idle:
-            reg.drop()  # the last waiter was cancelled: no registration without a waiter
-        raise
+    return reg, fut
+
+
+def cancelled(reg: _Readable, fut: asyncio.Future[None]) -> None:
+    """The await of ``fut`` was cancelled: no registration stays without a waiter."""
+    with _guard:
+        if fut in reg.waiters:
+            reg.waiters.remove(fut)
+        idle = not reg.waiters
+    if idle:
+        reg.drop()
 
 
 def reset_after_fork() -> None:

@@ -66,6 +66,7 @@ _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
 #define STEP_MAIN 0.05  /* the main thread checks signals at least this often */
 #define STEP_OTHER 0.25 /* other threads re-check their wait at least this often */
 #define PATIENCE 1.0    /* a non-blocking call waits this long for a held lock */
+#define AIO_PATIENCE 1e-3 /* ... and aread's try_read this long: it blocks an event loop */
 #define POST_BOUND 65536 /* posts per section: a scribbled count cannot loop for ever */
 /* A blocking normal-mode read watches the counter this long before it sleeps.  Chosen by
  * `python -m mpeventfd bench --only S` (README "Performance"): 10 us already keeps a
@@ -1546,8 +1547,13 @@ static PyObject *core_reopen(Core *c, PyObject *unused)
     Py_RETURN_TRUE;
 }
 
-/* For asyncio: a read that waits neither for the counter nor for the lock.  Returns the
- * value read, or 0 if the lock was busy; BlockingIOError when the counter is 0. */
+/* For asyncio: a read that never waits for the counter, and for the lock at most
+ * AIO_PATIENCE.  Returns the value read, or 0 if the lock stayed busy; BlockingIOError when
+ * the counter is 0.  A live holder keeps the lock for a microsecond, but the aread calling
+ * this has often just been woken by that holder's pipe byte, which goes in before its
+ * commit: the wake-up tends to preempt the holder inside its section.  Sleeping on the lock
+ * gives the holder its CPU back at once; returning "busy" would leave the event loop to poll
+ * a readable pipe until the scheduler's next tick (4 ms here). */
 static PyObject *core_try_read(Core *c, PyObject *unused)
 {
     (void)unused;
@@ -1556,7 +1562,7 @@ static PyObject *core_try_read(Core *c, PyObject *unused)
         return closed_error();
     uint64_t got = 0;
     Py_INCREF(c);
-    int r = core_read(c, -1.0, 0.0, &got);
+    int r = core_read(c, -1.0, now() + AIO_PATIENCE, &got);
     Py_DECREF(c);
     if (r == RES_BUSY)
         return PyLong_FromLong(0);
@@ -1694,7 +1700,8 @@ static PyMethodDef core_methods[] = {
     {"after_fork_parent", (PyCFunction)core_after_fork_parent, METH_NOARGS,
      "After os.fork, in the parent: let go of the child's description."},
     {"try_read", (PyCFunction)core_try_read, METH_NOARGS,
-     "A read that never waits: the value, 0 if the lock was busy, or BlockingIOError."},
+     "A read that waits for the lock at most 1 ms: the value, 0 if it stayed busy, or "
+     "BlockingIOError."},
     {"try_write", (PyCFunction)core_try_write, METH_O,
      "A write that never waits: True, False if the lock was busy, or BlockingIOError."},
     {"arm", (PyCFunction)core_arm_method, METH_NOARGS,

@@ -88,7 +88,9 @@ class EventFD(_core.Handle):
     async def aread(self) -> int:
         """``read()`` for asyncio: wait until readable without blocking the event loop.
 
-        Consumes per the mode, like :meth:`read`; never blocks, whatever the blocking mode.
+        Consumes per the mode, like :meth:`read`; never blocks, whatever the blocking mode
+        (it may wait up to 1 ms for the lock of a writer that is mid-transition, and backs
+        off on the loop beyond that).
         Several tasks (and several processes, each with its own loop) may wait on one
         eventfd.  A cancelled call consumes nothing; closing the handle wakes its waiters
         with ``OSError(EBADF)``.
@@ -96,7 +98,7 @@ class EventFD(_core.Handle):
         Raises:
             OSError: ``EBADF`` if the handle is (or gets) closed.
         """
-        delay = 0.0005
+        delay, woken = 0.0005, False
         while True:
             core = self._live()
             try:
@@ -104,17 +106,27 @@ class EventFD(_core.Handle):
             except BlockingIOError:  # the lock's holder is stopped: do not block the loop
                 await asyncio.sleep(0.02)
                 continue
-            if not core.peek():
-                await _aio.wait_readable(core.fds[1])
+            # Woken, the counter may still read 0: the writer's pipe byte goes in before its
+            # commit, and the wake-up often preempts it in between.  Waiting again would
+            # poll the readable pipe until it runs; try_read sleeps on its lock instead.
+            if not woken and not core.peek():
+                reg, fut = _aio.waiter(core.fds[1])
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    _aio.cancelled(reg, fut)
+                    raise
+                woken = True
                 continue
+            woken = False
             try:
                 got: int = core.try_read()
-            except BlockingIOError:  # another reader was first
+            except BlockingIOError:  # 0 under the lock: another reader was first
                 continue
             if got:
                 return got
-            # The lock is busy (its holder is another process, or stopped): never block
-            # the loop for it; try again shortly.
+            # The lock stayed busy for 1 ms (its holder is stopped, or starved of CPU):
+            # never block the loop for longer; try again shortly.
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
 

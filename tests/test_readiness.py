@@ -23,8 +23,10 @@ import math
 import os
 import select
 import selectors
+import signal
 import stat
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from multiprocessing import connection
 from types import TracebackType
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from crashkit import victim
 from helpers import TIMEOUT, LineReader, fork_child, reap, stats, wait_readable
 from mpeventfd import EFD_NONBLOCK, EFD_SEMAPHORE, MAX_VALUE, EventFD
 
@@ -467,6 +470,43 @@ def test_aread_is_woken_by_a_write_from_another_process(run: Runner) -> None:
         assert run(main) == 3
         child.acked()
         assert efd.peek() == 0
+
+
+def test_an_aread_woken_inside_a_stopped_writers_section_neither_spins_nor_blocks(
+    run: Runner,
+) -> None:
+    """A 0 -> n write puts its pipe byte in before its commit, so an aread is woken while
+    the writer still holds the lock, and on a shared CPU the wake-up often preempts the
+    writer right there.  The aread must wait for that writer, not poll the readable pipe:
+    it once spun the loop at full CPU until the writer ran again (a 4 ms stall at the
+    scheduler's tick, in P6U's tail).  Here the writer stays stopped at that point for
+    0.5 s: the loop keeps serving other tasks, nearly idle, and the 3 arrives once the
+    writer is resumed."""
+    with EventFD() as efd:
+        efd.fileno()  # armed: the stopped write has put its pipe byte in
+        holder = victim(efd, "write.pipe", "stop", lambda e: e.write(3))
+        try:
+            os.waitpid(holder, os.WUNTRACED)  # stopped with the lock held, before its commit
+
+            async def main() -> tuple[float, int, int]:
+                loop = asyncio.get_running_loop()
+                task = asyncio.create_task(efd.aread())
+                cpu, ticks, end = time.process_time(), 0, loop.time() + 0.5
+                while loop.time() < end:  # another task of the loop, served meanwhile
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+                cpu = time.process_time() - cpu
+                assert not task.done()
+                os.kill(holder, signal.SIGCONT)
+                return cpu, ticks, await task
+
+            cpu, ticks, got = run(main)
+        finally:
+            os.kill(holder, signal.SIGCONT)
+            assert reap(holder) == 3  # its write completed (the step was reached)
+    assert got == 3
+    assert cpu < 0.1, f"the loop polled for {cpu:.2f} s of CPU in 0.5 s"
+    assert ticks >= 5, f"the loop served its other task {ticks} times in 0.5 s"
 
 
 @pytest.mark.parametrize("where", ["loop", "thread"])
