@@ -10,20 +10,19 @@ waiter is cancelled, and before the fd closes (its number would be reused).  Con
 always happens in a non-blocking read after the wake, never inside an ``await``, so a
 cancelled call consumes nothing.
 
-On loops other than asyncio's selector loops (uvloop, say) the registration pauses instead
-between wake-ups: it stops reading the fd once it has woken someone and resumes at the next
-wait.  libuv polls once more before the woken task runs and drains, so a registration kept
-in place there fires twice per wake-up (measured: 1.9 callbacks per ``aread``, against 1.0
-on the default loop), while its ``add_reader``/``remove_reader`` are cheap; on a selector
-loop each of those is a selector modification and Python handle objects, and pausing made
-a wake-up 2-3x slower.
+Measured cross-process with a task that is surely waiting (bench P6/P6U), keeping the
+registration beats adding and removing it around each wait on both loops: by a wide margin
+on the default loop, where each of those is a selector modification plus Python handle
+objects, and by 2-4 µs of p50 on uvloop.  (On uvloop it once paused between wake-ups,
+against a second callback per wake-up that came from a woken ``aread`` finding the counter
+still at 0 and waiting again; ``aread`` now waits for the writer's lock instead, and the
+second callback is gone.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from asyncio.selector_events import BaseSelectorEventLoop
 
 _REGISTERED: dict[tuple[int, int], _Readable] = {}
 # Re-entrant: a finalizer that the GC runs inside a guarded block of this thread closes a
@@ -39,22 +38,13 @@ class _Readable:
         self.fd = fd
         self.waiters: list[asyncio.Future[None]] = []
         self.idle = 0
-        # Pause between wake-ups (see the module's docstring) unless this is a selector loop.
-        self.pausing = not isinstance(loop, BaseSelectorEventLoop)
-        self.paused = False
         loop.add_reader(fd, self.fire)
-
-    def resume(self) -> None:
-        """A task waits again: read the fd again if the last wake-up paused it."""
-        if self.paused:
-            self.paused = False
-            self.loop.add_reader(self.fd, self.fire)
 
     def fire(self) -> None:
         """Readable (or told to re-check): wake every waiter.
 
-        The loop polls again before the woken tasks run and read, so one call with nobody
-        waiting is expected; a second one in a row means nobody will read: unregister.
+        A selector loop polls again before the woken tasks run and read, so one call with
+        nobody waiting is expected; a second one in a row means nobody will read: unregister.
         """
         waiters, self.waiters = self.waiters, []
         woke = False
@@ -65,9 +55,6 @@ class _Readable:
         self.idle = 0 if woke else self.idle + 1
         if self.idle >= 2:
             self.drop()
-        elif woke and self.pausing:
-            self.paused = True
-            self.loop.remove_reader(self.fd)
 
     def drop(self) -> None:
         """Forget the registration; it must never outlive the fd (its number gets reused)."""
@@ -89,7 +76,6 @@ def waiter(fd: int) -> tuple[_Readable, asyncio.Future[None]]:
         reg = _REGISTERED.get(key)
         if reg is None or reg.loop is not loop:  # (an id a closed loop had, reused)
             reg = _REGISTERED[key] = _Readable(loop, fd)
-        reg.resume()
         fut: asyncio.Future[None] = loop.create_future()
         reg.waiters.append(fut)
     return reg, fut
