@@ -426,18 +426,26 @@ def attached_pair_loop(others: int, n: int) -> Timer:
     """A write+read pair while ``others`` more processes are attached (each owns a slot)."""
     def run() -> float:
         hold_r, hold_w = os.pipe()
+        ready_r, ready_w = os.pipe()
         with EventFD(0) as efd:
             def attach_and_wait() -> None:
                 try:
                     efd.read(timeout=0.001)  # an operation: claims this process's slot
                 except TimeoutError:
                     pass
+                os.write(ready_w, b"x")
                 os.read(hold_r, 1)
 
             pids = [_child(attach_and_wait) for _ in range(others)]
             try:
-                time.sleep(0.05 if others else 0)  # let them attach (not an ordering)
+                # Every one has attached and is asleep: none may still be starting up
+                # beside the timed loop (a sleep of 50 ms here let some run into it).
+                for _ in range(others):
+                    os.read(ready_r, 1)
                 write, read = efd.write, efd.read
+                for _ in range(1_000):  # untimed: the fork made this process's pages
+                    write(1)            # copy-on-write, and the first touches fault
+                    read()
                 t0 = _clock()
                 for _ in range(n):
                     write(1)
@@ -449,6 +457,8 @@ def attached_pair_loop(others: int, n: int) -> Timer:
                     _reap(pid)
                 os.close(hold_r)
                 os.close(hold_w)
+                os.close(ready_r)
+                os.close(ready_w)
     return run
 
 
