@@ -70,8 +70,8 @@ _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
 #define POST_BOUND 65536 /* posts per section: a scribbled count cannot loop for ever */
 /* A blocking normal-mode read watches the counter this long before it sleeps.  Chosen by
  * `python -m mpeventfd bench --only S` (README "Performance"): 10 us already keeps a
- * ping-pong partner awake (round trip 2.0-2.4 us, as with 25 or 50 us; 15-17 us without),
- * for 6-11 us of CPU per blocking read that finds nothing, where 50 us costs 45-52. */
+ * ping-pong partner awake (round trip 1.7-2.4 us, as with 25 or 50 us; 14-17 us without),
+ * for 9-15 us of CPU per blocking read that finds nothing, where 50 us costs 46-56. */
 #define SPIN_READ 10e-6
 #define LOCK_SPIN 2e-6  /* a busy robust mutex is retried this long, spinning, ... */
 #define LOCK_YIELDS 3   /* ... then this many times, yielding the CPU, before sleeping on it */
