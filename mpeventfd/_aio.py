@@ -13,10 +13,10 @@ cancelled call consumes nothing.
 Measured cross-process with a task that is surely waiting (bench P6/P6U), keeping the
 registration beats adding and removing it around each wait on both loops: by a wide margin
 on the default loop, where each of those is a selector modification plus Python handle
-objects, and by 2-4 µs of p50 on uvloop.  (On uvloop it once paused between wake-ups,
-against a second callback per wake-up that came from a woken ``aread`` finding the counter
-still at 0 and waiting again; ``aread`` now waits for the writer's lock instead, and the
-second callback is gone.)
+objects, and by 3-9 µs of p50 on uvloop (17 against 21-26 µs).  (On uvloop it once paused
+between wake-ups, against a second callback per wake-up that came from a woken ``aread``
+finding the counter still at 0 and waiting again; ``aread`` now waits for the writer's
+lock instead, and the second callback is gone.)
 """
 
 from __future__ import annotations

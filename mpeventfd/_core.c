@@ -607,12 +607,13 @@ static int lock_spin(Core *c)
 /* A holder still busy past the spin has usually been preempted, often by the very wake-up
  * its section caused (a pipe byte goes in before a commit): yielding the CPU a few times
  * lets a holder that waits for this CPU finish, which costs less than a sleep on the lock
- * and a wake-up from its unlock.  Without the GIL: a yield may last a scheduler slice.
- * (On one CPU too, where the holder can only be waiting for this CPU.) */
-static int lock_yield(Core *c)
+ * and a wake-up from its unlock.  Without the GIL: a yield may last a scheduler slice; and
+ * none starts after `stop`.  (On one CPU too, where the holder can only be waiting for it.) */
+static int lock_yield(Core *c, double stop)
 {
     int r = lock_try(c);
-    for (int i = 0; i < LOCK_YIELDS && r == BUSY && c->mutex_kind == MUTEX_ROBUST; i++) {
+    for (int i = 0; i < LOCK_YIELDS && r == BUSY && c->mutex_kind == MUTEX_ROBUST &&
+                    now() < stop; i++) {
         sched_yield();
         r = lock_try(c);
     }
@@ -964,7 +965,7 @@ static int slow_path(Core *c, int op, uint64_t v, int reg, double until, double 
         if (how == CONSUMED && r == BUSY) /* (posts come after unlocks) */
             atomic_fetch_add_explicit(&woken_busy, 1, memory_order_relaxed);
         if (r == BUSY)
-            r = lock_yield(c);
+            r = lock_yield(c, lock_stop);
         while (r == BUSY) { /* the lock, in steps */
             double t = now();
             double stop = t + step < lock_stop ? t + step : lock_stop;
