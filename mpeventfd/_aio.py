@@ -57,19 +57,25 @@ class _Readable:
             self.drop()
 
     def drop(self) -> None:
-        """Forget the registration; it must never outlive the fd (its number gets reused)."""
+        """Forget the registration; it must never outlive the fd (its number gets reused).
+
+        Only the live registration removes the loop's reader: one dropped already (a close
+        woke its waiters) may be dropped again by a waiter's cancellation, after the fd's
+        number has gone to a new eventfd whose own registration holds the reader."""
+        key = (id(self.loop), self.fd)
         with _guard:
-            if _REGISTERED.get((id(self.loop), self.fd)) is self:
-                del _REGISTERED[(id(self.loop), self.fd)]
-        if not self.loop.is_closed():
+            live = _REGISTERED.get(key) is self
+            if live:
+                del _REGISTERED[key]
+        if live and not self.loop.is_closed():
             self.loop.remove_reader(self.fd)
 
 
 def waiter(fd: int) -> tuple[_Readable, asyncio.Future[None]]:
     """A future of the running loop that resolves when ``fd`` is readable (or a close asks
-    every waiter to re-check).  The caller awaits it, and on cancellation hands both back
-    to :func:`cancelled`.  (A plain function rather than a coroutine: a coroutine frame per
-    wait is measurable on the wake-up path.)"""
+    every waiter to re-check).  The caller awaits it, and hands both to :func:`cancelled`
+    if the await ends otherwise.  (A plain function rather than a coroutine: a coroutine
+    frame per wait is measurable on the wake-up path.)"""
     loop = asyncio.get_running_loop()
     key = (id(loop), fd)
     with _guard:
@@ -82,7 +88,8 @@ def waiter(fd: int) -> tuple[_Readable, asyncio.Future[None]]:
 
 
 def cancelled(reg: _Readable, fut: asyncio.Future[None]) -> None:
-    """The await of ``fut`` was cancelled: no registration stays without a waiter."""
+    """The await of ``fut`` ended without a wake-up (cancelled, or the coroutine closed):
+    no registration stays without a waiter."""
     with _guard:
         if fut in reg.waiters:
             reg.waiters.remove(fut)

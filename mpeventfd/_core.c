@@ -66,7 +66,7 @@ _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
 #define STEP_MAIN 0.05  /* the main thread checks signals at least this often */
 #define STEP_OTHER 0.25 /* other threads re-check their wait at least this often */
 #define PATIENCE 1.0    /* a non-blocking call waits this long for a held lock */
-#define AIO_PATIENCE 1e-3 /* ... and aread's try_read this long: it blocks an event loop */
+#define AIO_PATIENCE 1e-3 /* ... and aread's try_read about this long: it blocks a loop */
 #define POST_BOUND 65536 /* posts per section: a scribbled count cannot loop for ever */
 /* A blocking normal-mode read watches the counter this long before it sleeps.  Chosen by
  * `python -m mpeventfd bench --only S` (README "Performance"): 10 us already keeps a
@@ -201,6 +201,7 @@ struct Core {
     /* Fields below are changed only with the GIL held (the free-threaded build will need a
      * lock of their own here). */
     int inflight;          /* calls between Py_BEGIN/END_ALLOW_THREADS */
+    int stuck;             /* try_read's last wait for the lock timed out (core_try_read) */
     int closed, freed;
     int alone;             /* at free: no other attached process was left */
     PyObject *on_free;     /* called once resources are freed after close() */
@@ -944,8 +945,8 @@ static int between_steps(PyThreadState **ts, unsigned long gen)
 /*
  * The contended or blocking path, without the GIL.  `reg` >= 0: the caller's section has
  * already registered the call, so it waits first.  `lock_stop` bounds each wait for the
- * lock: the caller's deadline, PATIENCE from the first try for a non-blocking call, or the
- * first try itself for a call that never waits for it (aread).  With `interruptible` the
+ * lock: the caller's deadline, PATIENCE from the first try for a non-blocking call,
+ * AIO_PATIENCE for aread's, or the first try itself for a call that never waits for it.  With `interruptible` the
  * main thread runs signal handlers between steps; a call that has committed passes 0, so
  * that a handler's exception can only come after it returns.  `spin`: watch the counter
  * first (spin_for_counter).
@@ -1569,13 +1570,16 @@ static PyObject *core_reopen(Core *c, PyObject *unused)
     Py_RETURN_TRUE;
 }
 
-/* For asyncio: a read that never waits for the counter, and for the lock at most
+/* For asyncio: a read that never waits for the counter, and for the lock about
  * AIO_PATIENCE.  Returns the value read, or 0 if the lock stayed busy; BlockingIOError when
  * the counter is 0.  A live holder keeps the lock for a microsecond, but the aread calling
  * this has often just been woken by that holder's pipe byte, which goes in before its
  * commit: the wake-up tends to preempt the holder inside its section.  Sleeping on the lock
- * gives the holder its CPU back at once; returning "busy" would leave the event loop to poll
- * a readable pipe until the scheduler's next tick (4 ms here). */
+ * (or yielding the CPU to its holder, lock_yield) gives the holder its CPU back; returning
+ * "busy" would leave the event loop to poll a readable pipe until the scheduler's next tick
+ * (4 ms here).  Once a wait has timed out (a stopped holder), later calls of this process
+ * try once only until one gets the lock: tasks that each waited 1 ms would stall the loop
+ * for as many milliseconds as there are tasks. */
 static PyObject *core_try_read(Core *c, PyObject *unused)
 {
     (void)unused;
@@ -1584,7 +1588,8 @@ static PyObject *core_try_read(Core *c, PyObject *unused)
         return closed_error();
     uint64_t got = 0;
     Py_INCREF(c);
-    int r = core_read(c, -1.0, now() + AIO_PATIENCE, &got);
+    int r = core_read(c, -1.0, c->stuck ? 0.0 : now() + AIO_PATIENCE, &got);
+    c->stuck = r == RES_BUSY;
     Py_DECREF(c);
     if (r == RES_BUSY)
         return PyLong_FromLong(0);

@@ -89,8 +89,8 @@ class EventFD(_core.Handle):
         """``read()`` for asyncio: wait until readable without blocking the event loop.
 
         Consumes per the mode, like :meth:`read`; never blocks, whatever the blocking mode
-        (it may wait up to 1 ms for the lock of a writer that is mid-transition, and backs
-        off on the loop beyond that).
+        (once woken it may wait about 1 ms for the lock of a writer that is mid-transition,
+        and backs off on the loop beyond that, trying once at a time until the lock frees).
         Several tasks (and several processes, each with its own loop) may wait on one
         eventfd.  A cancelled call consumes nothing; closing the handle wakes its waiters
         with ``OSError(EBADF)``.
@@ -113,7 +113,7 @@ class EventFD(_core.Handle):
                 reg, fut = _aio.waiter(core.fds[1])
                 try:
                     await fut
-                except asyncio.CancelledError:
+                except BaseException:  # cancelled, or the coroutine closed (GeneratorExit)
                     _aio.cancelled(reg, fut)
                     raise
                 woken = True
@@ -125,8 +125,8 @@ class EventFD(_core.Handle):
                 continue
             if got:
                 return got
-            # The lock stayed busy for 1 ms (its holder is stopped, or starved of CPU):
-            # never block the loop for longer; try again shortly.
+            # The lock stayed busy (its holder is stopped, or starved of CPU): never block
+            # the loop for longer; try again shortly (try_read now tries once only).
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
 
