@@ -359,6 +359,7 @@ def asyncio_latency(kinds: list[str], n: int,
     codes = {"mpeventfd": b"m", "os.eventfd": b"k"}
 
     def writer() -> None:
+        os.close(ack_w)  # so that the task's failure ends this loop (EOF, KeyError)
         for _ in range(n * len(kinds)):
             code = os.read(ack_r, 1)  # one sample at a time: no coalescing
             # Write only once the task is surely waiting (it gets there within ~10 µs of
@@ -405,12 +406,12 @@ def asyncio_latency(kinds: list[str], n: int,
         else:
             samples = asyncio.run(consume())
     finally:
+        os.close(ack_w)
         _reap(pid)
         efd.close()
         if fd >= 0:
             os.close(fd)
         os.close(ack_r)
-        os.close(ack_w)
         stamp.close()
     out = {}
     for kind, got in samples.items():
@@ -433,7 +434,8 @@ def attached_pair_loop(others: int, n: int) -> Timer:
                     efd.read(timeout=0.001)  # an operation: claims this process's slot
                 except TimeoutError:
                     pass
-                os.write(ready_w, b"x")
+                finally:
+                    os.write(ready_w, b"x")  # (even failing: the parent counts them all)
                 os.read(hold_r, 1)
 
             pids = [_child(attach_and_wait) for _ in range(others)]
