@@ -946,10 +946,10 @@ static int between_steps(PyThreadState **ts, unsigned long gen)
  * The contended or blocking path, without the GIL.  `reg` >= 0: the caller's section has
  * already registered the call, so it waits first.  `lock_stop` bounds each wait for the
  * lock: the caller's deadline, PATIENCE from the first try for a non-blocking call,
- * AIO_PATIENCE for aread's, or the first try itself for a call that never waits for it.  With `interruptible` the
- * main thread runs signal handlers between steps; a call that has committed passes 0, so
- * that a handler's exception can only come after it returns.  `spin`: watch the counter
- * first (spin_for_counter).
+ * AIO_PATIENCE for aread's, or the first try itself for a call that never waits for it.
+ * With `interruptible` the main thread runs signal handlers between steps; a call that has
+ * committed passes 0, so that a handler's exception can only come after it returns.
+ * `spin`: watch the counter first (spin_for_counter).
  */
 static int slow_path(Core *c, int op, uint64_t v, int reg, double until, double lock_stop,
                      int interruptible, int spin, uint64_t *got, PyThreadState **ts)
@@ -1727,8 +1727,8 @@ static PyMethodDef core_methods[] = {
     {"after_fork_parent", (PyCFunction)core_after_fork_parent, METH_NOARGS,
      "After os.fork, in the parent: let go of the child's description."},
     {"try_read", (PyCFunction)core_try_read, METH_NOARGS,
-     "A read that waits for the lock at most 1 ms: the value, 0 if it stayed busy, or "
-     "BlockingIOError."},
+     "A read that waits for the lock about 1 ms (once per stalled holder): the value, 0 if "
+     "it stayed busy, or BlockingIOError."},
     {"try_write", (PyCFunction)core_try_write, METH_O,
      "A write that never waits: True, False if the lock was busy, or BlockingIOError."},
     {"arm", (PyCFunction)core_arm_method, METH_NOARGS,
