@@ -1,10 +1,10 @@
 /*
- * mpeventfd/_core.c - the critical sections of mpeventfd, each one C call.
+ * mpeventfd/_core.c - the critical sections and the waits of mpeventfd, each one C call.
  *
  * One eventfd is a shared page (a file on /dev/shm, mapped MAP_SHARED by every process
  * that holds it), a notifier pipe whose read end is fileno(), and two named semaphores on
  * which blocked readers and writers sleep.  docs/design.md explains the design; this file
- * holds every instruction that runs while an eventfd's lock is held, and the waits.
+ * holds every instruction that runs while an eventfd's lock is held, and every wait.
  *
  * Rules every function below keeps:
  *  - No Python object is touched, no memory allocated and the GIL never awaited while the
@@ -14,10 +14,16 @@
  *    seq_cst (the default) unless a comment proves a weaker order enough.  x86 tests cannot
  *    catch an ordering bug; ARM users would.
  *  - Only a lock holder moves the counter across zero, so while the lock is held the
- *    counter's zero-ness changes only by the holder's own hand (invariant I2).
+ *    counter's zero-ness changes only by the holder's own hand (docs/design.md, I2).
  *  - A transition that needs more than one store is bracketed by `dirty` (set before its
  *    first effect, cleared after its last); whoever next takes the lock and finds `dirty`,
  *    or gets EOWNERDEAD, repairs (I4).
+ *  - Every section ends with the post rule for both classes (I15): no interleaving of
+ *    sections and lock-free operations leaves a waiter that could proceed without a post.
+ *  - A blocked waiter whose step expires takes no lock and scans nothing: it looks at two
+ *    words, and takes the lock only if it could proceed (I7).
+ *
+ * Figures measured on one machine live in the README's "Performance" section, not here.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -44,17 +50,18 @@
 /* Shared memory between processes needs atomics that never fall back to a process-local lock. */
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free");
 _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
+_Static_assert(sizeof(_Atomic uint64_t) == 8, "an atomic word is a plain word in the page");
 
 #define MAX_VALUE 0xfffffffffffffffeULL
-#define MAGIC 0x3356444645504d00ULL /* "\0MPEFDV3" read as a little-endian word */
-#define VERSION 3
-#define NSLOTS 1024
+#define MAGIC 0x3456444645504d00ULL /* "\0MPEFDV4" read as a little-endian word */
+#define VERSION 4
+#define NSLOTS 1024 /* processes that may wait at once (EUSERS beyond) */
 #define READER 0
 #define WRITER 1
 
-/* The lock kinds (page.mutex_kind) and where the byte locks live (page.carrier). */
+/* The lock kinds (header.mutex_kind) and where the byte locks live (header.carrier). */
 #define MUTEX_ROBUST 1 /* a robust process-shared pthread mutex in the page */
-#define MUTEX_BYTE 2   /* a kernel byte lock (MUTEX_BYTE) on the private description */
+#define MUTEX_BYTE 2   /* a kernel byte lock on the private description */
 #define CARRIER_PIPE 1 /* OFD locks on a private read-write description of the pipe */
 #define CARRIER_FILE 2 /* classic fcntl locks on the lock file (macOS, the BSDs) */
 /* Byte offsets of the kernel byte locks: ranges name locks, they hold no data. */
@@ -62,67 +69,125 @@ _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
 #define ATTACHED_BYTE 1    /* read-locked by every process attached (that will liveness-test) */
 #define LIVENESS_BASE 4096 /* + slot index: locked by the slot's owner while it lives */
 
+/* The C library that laid out the robust mutex in a page (header.libc): glibc's lock word
+ * is musl's type field, so two libcs must never share one.  Probed by the compiler. */
+#if defined(__GLIBC__)
+#define LIBC 1
+#elif defined(__APPLE__)
+#define LIBC 3
+#elif defined(__FreeBSD__)
+#define LIBC 4
+#elif defined(__NetBSD__) || defined(__OpenBSD__) || defined(__DragonFly__)
+#define LIBC 5
+#elif defined(__BIONIC__)
+#define LIBC 6
+#elif defined(__linux__)
+#define LIBC 2 /* Linux without glibc's macro: musl (which defines none of its own) */
+#else
+#define LIBC 7
+#endif
+static const char *const libc_names[] = {"an unknown C library", "glibc", "musl", "macOS libc",
+                                         "FreeBSD libc", "a BSD libc", "bionic",
+                                         "another C library"};
+
 /* Timing (seconds). */
-#define STEP_MAIN 0.05  /* the main thread checks signals at least this often */
-#define STEP_OTHER 0.25 /* other threads re-check their wait at least this often */
+#define STEP_MAIN 0.1   /* the main thread runs signal handlers at least this often */
+#define STEP_OTHER 0.5  /* other waiters look again this often (a dead peer's leftovers) */
+#define STEP_GRID 0.01  /* steps end on this grid of the monotonic clock (wait_post) */
 #define PATIENCE 1.0    /* a non-blocking call waits this long for a held lock */
 #define AIO_PATIENCE 1e-3 /* ... and aread's try_read about this long: it blocks a loop */
+#define SWEEP_GAP 1.0   /* dead waiters' registrations are swept at most this often */
 #define POST_BOUND 65536 /* posts per section: a scribbled count cannot loop for ever */
-/* A blocking normal-mode read watches the counter this long before it sleeps.  Chosen by
- * `python -m mpeventfd bench --only S` (README "Performance"): 10 us already keeps a
- * ping-pong partner awake (round trip 1.7-2.4 us, as with 25 or 50 us; 14-17 us without),
- * for 9-15 us of CPU per blocking read that finds nothing, where 50 us costs 46-56. */
+#define KICK_ROUNDS 4   /* sections an unlocker runs for requests made while it held the lock */
+/* A blocking normal-mode read watches the counter this long before it sleeps (row S of
+ * `python -m mpeventfd bench` chose it: README "Performance"). */
 #define SPIN_READ 10e-6
 #define LOCK_SPIN 2e-6  /* a busy robust mutex is retried this long, spinning, ... */
 #define LOCK_YIELDS 3   /* ... then this many times, yielding the CPU, before sleeping on it */
 
 /*
- * The shared page, word by word (layout version 3, native byte order).
- * Words up to `nslots` are written once by the creator before `magic` (with release order)
- * and only read afterwards; attachers validate them first (read_header).
+ * The shared page, word by word (layout version 4, native byte order).
+ *
+ * `struct header` is written once by the creator before `magic` (stored last, with release
+ * order) and only read afterwards; attachers validate it first (read_header).  `struct
+ * words` and the slots change after creation: every one is an atomic.
  */
+struct header {
+    uint64_t magic;      /*   0 */
+    uint64_t version;    /*   8 */
+    uint64_t size;       /*  16 */
+    uint8_t id[16];      /*  24: the 128-bit id; names derive from it */
+    uint64_t semaphore;  /*  40: EFD_SEMAPHORE, fixed */
+    uint64_t mutex_kind; /*  48: MUTEX_ROBUST or MUTEX_BYTE */
+    uint64_t carrier;    /*  56: CARRIER_PIPE or CARRIER_FILE */
+    uint64_t creator;    /*  64: pid of the creator (diagnostics) */
+    uint64_t pipe_dev;   /*  72: identity of the notifier pipe */
+    uint64_t pipe_ino;   /*  80 */
+    uint64_t sem_ino[2]; /*  88: inodes of the semaphores where the OS shows them (else 0) */
+    uint64_t file_dev;   /* 104: identity of the lock file (CARRIER_FILE, else 0) */
+    uint64_t file_ino;   /* 112 */
+    uint64_t nslots;     /* 120 */
+    uint64_t libc;       /* 128: LIBC of the creator, whose pthread_mutex_t is in the page */
+    uint64_t ptr_bits;   /* 136: its pointer width */
+    uint64_t mutex_size; /* 144: its sizeof(pthread_mutex_t) */
+    uint8_t reserved[192 - 152];
+};
+
+/* W and P of one class share a word, so that a lock-free look reads them consistently. */
+#define W_ONE (1ULL << 32)
+#define COUNT_MAX 0xffffffffULL
+
+struct words {
+    _Atomic uint64_t counter;  /* 192: the eventfd counter, 0..MAX_VALUE */
+    _Atomic uint64_t nonblock; /* 200: O_NONBLOCK of the one "open file description" */
+    _Atomic uint64_t dirty;    /* 208: a holder is (or died) between related stores */
+    _Atomic uint64_t armed;    /* 216: the pipe mirrors counter > 0 (readiness armed) */
+    _Atomic uint64_t wp[2];    /* 224: per class, W << 32 | P: registered waiters W, and
+                                *      posts accounted but not yet consumed-and-accounted P */
+    _Atomic uint64_t kick;     /* 240: KICK_* bits: a lock-free commit asks for the rule */
+    _Atomic uint64_t hwm;      /* 248: slots ever claimed (scan bound) */
+    _Atomic uint64_t repairs;  /* 256: repairs done (diagnostics) */
+    _Atomic uint64_t swept;    /* 264: monotonic ns of the last sweep of dead waiters */
+    _Atomic uint64_t spare[6];
+};
+#define KICK_READERS 1ULL
+#define KICK_WRITERS 2ULL
+
 struct slot {
     _Atomic uint64_t pid;        /* owner, 0 = free; trusted only while its liveness byte is locked */
-    _Atomic uint64_t waiting[2]; /* the owner's registered readers, writers (part of page.waiting) */
-    uint64_t spare;
+    _Atomic uint64_t waiting[2]; /* the owner's registered readers, writers (part of W) */
+    _Atomic uint64_t spare;
 };
 
 struct page {
-    uint64_t magic;       /*   0 */
-    uint64_t version;     /*   8 */
-    uint64_t size;        /*  16 */
-    uint8_t id[16];       /*  24: the 128-bit id; names derive from it */
-    uint64_t semaphore;   /*  40: EFD_SEMAPHORE, fixed */
-    uint64_t mutex_kind;  /*  48: MUTEX_ROBUST or MUTEX_BYTE */
-    uint64_t carrier;     /*  56: CARRIER_PIPE or CARRIER_FILE */
-    uint64_t creator;     /*  64: pid of the creator (diagnostics) */
-    uint64_t pipe_dev;    /*  72: identity of the notifier pipe */
-    uint64_t pipe_ino;    /*  80 */
-    uint64_t sem_ino[2];  /*  88: inodes of the semaphores where the OS shows them (else 0) */
-    uint64_t file_dev;    /* 104: identity of the lock file (CARRIER_FILE, else 0) */
-    uint64_t file_ino;    /* 112 */
-    uint64_t nslots;      /* 120 */
-    _Atomic uint64_t counter;    /* 128: the eventfd counter, 0..MAX_VALUE */
-    _Atomic uint64_t nonblock;   /* 136: O_NONBLOCK of the one "open file description" */
-    _Atomic uint64_t dirty;      /* 144: a holder is (or died) between related stores */
-    _Atomic uint64_t armed;      /* 152: the pipe mirrors counter > 0 (readiness armed) */
-    _Atomic uint64_t waiting[2]; /* 160: registered readers W_r, writers W_w */
-    _Atomic uint64_t posted[2];  /* 176: posts issued and not yet accounted, P_r, P_w */
-    _Atomic uint64_t hwm;        /* 192: slots ever claimed (scan bound) */
-    _Atomic uint64_t repairs;    /* 200: repairs done (diagnostics) */
-    uint8_t pad1[256 - 208];
+    struct header h; /*   0 */
+    struct words w;  /* 192 */
     union {
         pthread_mutex_t m; /* MUTEX_ROBUST: glibc keeps its owner list pointers here */
         uint8_t reserve[128];
-    } mutex;               /* 256 */
-    uint8_t pad2[512 - 384];
-    struct slot slots[NSLOTS]; /* 512: one per process that ever waited */
+    } mutex;               /* 320 */
+    uint8_t pad[512 - 448];
+    struct slot slots[NSLOTS]; /* 512: one per process that waits */
 };
-_Static_assert(offsetof(struct page, counter) == 128, "layout");
-_Static_assert(offsetof(struct page, mutex) == 256, "layout");
+/* What an attacher reads and validates before it maps the file (read_header). */
+struct head {
+    struct header h;
+    struct words w;
+};
+_Static_assert(sizeof(struct header) == 192, "layout");
+_Static_assert(offsetof(struct page, w) == 192, "layout");
+_Static_assert(offsetof(struct page, mutex) == 320, "layout");
 _Static_assert(offsetof(struct page, slots) == 512, "layout");
 _Static_assert(sizeof(pthread_mutex_t) <= 128, "the mutex fits its reserve");
 #define PAGE_BYTES sizeof(struct page) /* 33,280 bytes */
+
+static inline uint64_t W_of(uint64_t wp) { return wp >> 32; }
+static inline uint64_t P_of(uint64_t wp) { return wp & COUNT_MAX; }
+static inline uint64_t pack(uint64_t w, uint64_t p)
+{
+    return (w > COUNT_MAX ? COUNT_MAX : w) << 32 | (p > COUNT_MAX ? COUNT_MAX : p);
+}
+static uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 
 /* -- fault injection (tests only) ----------------------------------------------------------
  * A test arms one named step with an action; every step costs one predictable branch on a
@@ -136,6 +201,7 @@ _Static_assert(sizeof(pthread_mutex_t) <= 128, "the mutex fits its reserve");
     X(READ_DRAINED, "read.drained") X(READ_POSTED, "read.posted") \
     X(WAIT_REGISTERED, "wait.registered") X(WAIT_STEP, "wait.step") \
     X(WAIT_WOKEN, "wait.woken") X(WAIT_ACCOUNTED, "wait.accounted") \
+    X(KICK_SET, "kick.set") \
     X(LOCK_TAKEN, "lock.taken") X(LOCK_UNLOCKED, "lock.unlocked") \
     X(REPAIR_START, "repair.start") X(REPAIR_SLOTS, "repair.slots") \
     X(REPAIR_PIPE, "repair.pipe") X(REPAIR_POSTED, "repair.posted") \
@@ -157,7 +223,7 @@ static void fault_hit(int step)
     case ACT_KILL: kill(getpid(), SIGKILL); break;
     case ACT_STOP: kill(getpid(), SIGSTOP); break;
     case ACT_EXIT: _exit(86);
-    case ACT_SIGNAL: raise(fault_arg); break; /* its Python handler runs after the call */
+    case ACT_SIGNAL: raise(fault_arg); break; /* its Python handler runs after the section */
     case ACT_BLOCK: { /* hold here until the test writes a byte to (or closes) its pipe */
         /* A thread of the test holds the lock here.  If it also holds the GIL (the
          * uncontended path), it lets the GIL go meanwhile, so that the test's other
@@ -182,6 +248,10 @@ static unsigned long main_ident;     /* the thread that runs Python's signal han
 static _Atomic unsigned long fork_gen; /* bumped in every fork child */
 static _Atomic uint64_t woken;         /* posts consumed by this process (tests, stats) */
 static _Atomic uint64_t woken_busy;    /* ... after which the lock was still held */
+static _Atomic uint64_t looks;         /* expired wait steps that looked (stats) */
+static _Atomic uint64_t looks_locked;  /* ... and then took the lock (stats) */
+static _Atomic int64_t spin_ns;        /* the read spin, in ns (0: none) */
+static int lock_cpus = 1;              /* CPUs we may run on: no spinning on one */
 
 typedef struct Core Core;
 struct Core {
@@ -191,7 +261,7 @@ struct Core {
     int priv;              /* private description: byte locks and the drain; -1 in a fork child */
     int spare;             /* a private description opened for the next fork child */
     sem_t *sem[2];         /* blocked readers, writers */
-    int semaphore;         /* page.semaphore, cached */
+    int semaphore;         /* header.semaphore, cached */
     int mutex_kind, carrier;
     int poll_waits;        /* no timed semaphore wait here: trywait with a back-off */
     int slot;              /* our slot, -1 until we first wait */
@@ -222,6 +292,8 @@ static double now(void)
 static struct timespec monotonic_ts(double t)
 {
     struct timespec ts;
+    if (t > 1e15) /* for ever, in any time_t */
+        t = 1e15;
     ts.tv_sec = (time_t)t;
     ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
     if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
@@ -243,8 +315,6 @@ static void nap(double seconds)
 }
 
 static int is_main_thread(void) { return PyThread_get_thread_ident() == main_ident; }
-
-static uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 
 /* Raise OSError(code, message): Python picks the subclass (BlockingIOError, TimeoutError). */
 static void set_oserror(int code, const char *detail)
@@ -291,8 +361,8 @@ static int byte_try(Core *c, short type, off_t start)
     return byte_fcntl(c, OFD_SETLK, F_SETLK, &fl) == 0 ? 0 : -1;
 }
 
-/* True while the process owning slot `i` lives: its liveness byte is locked.  Our own locks
- * are invisible to the query (same description, or same process), so never ask about ours. */
+/* True while some other description (or process) holds the byte.  Our own locks are
+ * invisible to the query (same description, or same process), so never ask about ours. */
 static int byte_held_elsewhere(Core *c, off_t start)
 {
     struct flock fl = one_byte(F_WRLCK, start);
@@ -343,51 +413,114 @@ static void pipe_drain(Core *c)
     }
 }
 
+/* Make the pipe match the counter (lock held: its zero-ness is ours to change). */
+static void pipe_match(Core *c)
+{
+    int queued = pipe_pending(c);
+    uint64_t cnt = atomic_load(&c->pg->w.counter);
+    if (cnt && !queued)
+        pipe_byte(c);
+    else if (!cnt && queued)
+        pipe_drain(c);
+}
+
 /* -- wake-ups: the post rule and its accounting (tools/wake_model.py checks it) -------------
  *
- * Per class the page counts registered waiters W and posts issued but not yet accounted P;
- * each slot counts its own process's waiters.  After a transition, post until P covers the
- * readers that can proceed: min(c, W_r) in semaphore mode, min(1, W_r) otherwise.  A read
- * that made room posts every registered writer: their sizes differ, each re-checks its
- * own.  Posts are accounted under the lock and made after the unlock (pay); a death in
- * between is made up for by the waiters' bounded steps (unregister, EXPIRED).  A waiter
- * accounts after each wait step (docs/design.md §6; the model checks variant V4). */
+ * Per class the page counts registered waiters W and posts accounted but not yet consumed
+ * and accounted P, both in one word (wp) so that a lock-free look reads them consistently;
+ * each slot counts its own process's waiters.  Only lock holders change wp.
+ *
+ * The rule, at the end of every section (post_rule):
+ *   readers: post until P covers the readers that can proceed, min(c, W) in semaphore mode
+ *            and min(1, W) otherwise (c > 0);
+ *   writers: when room grew (a read in this section, a kick, a repair), post until P covers
+ *            every registered writer: their sizes differ, each re-checks its own.
+ * Posts are accounted under the lock and made right after the unlock (pay): a reader woken
+ * while the lock is still held would only sleep again, on the lock.
+ *
+ * A waiter, after its wait step: consumed a post -> W - 1, P - 1 (under the lock); its step
+ * expired -> it looks (look): if it cannot proceed it sleeps again with nothing taken; if it
+ * can (a death left its post unmade, or its registration is a phantom), it takes the lock:
+ * W - 1, and if then P > W, P - 1 and one sem_trywait (a post that came as the step ended is
+ * absorbed; one that a dead poster never made leaves the count all the same).  Every doubt
+ * errs towards a stray post, never a missing one (I6).
+ *
+ * Lock-free commits cannot run the rule themselves: a kick asks the lock holder to.
+ *
+ *   lock-free writer (A)                       lock holder (B)
+ *   CAS counter c -> c + v                     ... section ... post_rule (kick := 0)
+ *   load wp: P < readers_ready(c + v)          unlock
+ *   kick |= KICK_READERS                       fence
+ *   fence                                      load kick
+ *   trylock: DONE -> the rule itself           set -> trylock: DONE -> the rule
+ *            BUSY -> B holds it (below)                          BUSY -> its holder looks
+ *
+ * A's failed trylock read the lock word before B's unlock stored it; with both fences
+ * seq_cst, B's load of kick then sees A's bit (the store-buffering pattern: of two threads
+ * that each store and then load the other's word, one sees the other's store).  So every
+ * kick is served by a holder that takes the lock after it was set, and a committed write
+ * never gives up its post, however long the lock stays busy.  A death between the bit and
+ * its service leaves the bit set: the next section, or a waiter's look, serves it.
+ *
+ * Readers register only at c == 0, under the lock, and only lock holders leave 0 (I2): a
+ * 0 -> n write, locked, sees every reader registration.  Writers register at c > 0, where
+ * lock-free semaphore reads make room; that pair is ordered as a Dekker pair:
+ *
+ *   registering writer (under the lock)        lock-free semaphore read
+ *   W_w += 1                                   CAS counter c -> c - 1
+ *   load counter: room for v?                  load wp[WRITER]: P_w < W_w?
+ *     yes -> unregister and retry                yes -> kick |= KICK_WRITERS
+ *
+ * All four accesses are seq_cst, so one of the two sees the other: the writer sees the room
+ * and never sleeps, or the read sees the writer and kicks.
+ */
 
-/* Posts this thread's section has accounted and will make once it unlocks: a reader woken
- * while the lock is still held would only sleep again, on the lock. */
+/* Posts this thread's section has accounted and will make once it unlocks. */
 static _Thread_local uint32_t owed[2];
 
-static void owe(Core *c, int cls, uint64_t posted, uint64_t want)
+static uint64_t wp_load(Core *c, int cls) { return atomic_load(&c->pg->w.wp[cls]); }
+
+/* Set one class's W and P: lock holders only, so a store (lock-free looks read it). */
+static void wp_store(Core *c, int cls, uint64_t w, uint64_t p)
 {
-    uint64_t n = min64(want - posted, POST_BOUND); /* (a scribbled count cannot loop) */
-    atomic_store(&c->pg->posted[cls], posted + n);  /* account now, post after unlock */
+    atomic_store(&c->pg->w.wp[cls], pack(w, p));
+}
+
+/* Readers that can proceed on a counter `cnt` with `w` of them registered. */
+static uint64_t readers_ready(Core *c, uint64_t cnt, uint64_t w)
+{
+    if (!cnt || !w)
+        return 0;
+    return c->semaphore ? min64(cnt, w) : 1;
+}
+
+/* Account n more posts now; they are made after the unlock (pay). */
+static void owe(Core *c, int cls, uint64_t wp, uint64_t n)
+{
+    n = min64(n, POST_BOUND); /* (a scribbled count cannot loop for ever) */
+    wp_store(c, cls, W_of(wp), P_of(wp) + n);
     owed[cls] += (uint32_t)n;
 }
 
-static void restore_readers(Core *c)
+/* The rule for both classes, at the end of every section (lock held).  `wants` has
+ * KICK_WRITERS when the section made room; a kick adds what lock-free commits asked for. */
+static void post_rule(Core *c, uint64_t wants)
 {
     struct page *p = c->pg;
-    uint64_t cnt = atomic_load(&p->counter);
-    uint64_t w = atomic_load(&p->waiting[READER]);
-    if (!cnt || !w)
-        return;
-    uint64_t want = c->semaphore ? min64(cnt, w) : 1;
-    uint64_t posted = atomic_load(&p->posted[READER]);
-    if (posted < want)
-        owe(c, READER, posted, want);
-}
-
-static void restore_writers(Core *c)
-{
-    struct page *p = c->pg;
-    uint64_t w = atomic_load(&p->waiting[WRITER]);
-    uint64_t posted = atomic_load(&p->posted[WRITER]);
-    if (posted < w)
-        owe(c, WRITER, posted, w);
+    wants |= atomic_exchange(&p->w.kick, 0); /* requests made after this wait for our unlock */
+    uint64_t wp = wp_load(c, READER);
+    uint64_t ready = readers_ready(c, atomic_load(&p->w.counter), W_of(wp));
+    if (P_of(wp) < ready)
+        owe(c, READER, wp, ready - P_of(wp));
+    if (wants & KICK_WRITERS) {
+        wp = wp_load(c, WRITER);
+        if (P_of(wp) < W_of(wp))
+            owe(c, WRITER, wp, W_of(wp) - P_of(wp));
+    }
 }
 
 /* After the unlock: the posts accounted under the lock.  A death before they are made
- * loses them; the waiters' bounded steps find out (unregister, EXPIRED). */
+ * loses them; the waiters' looks find out. */
 static void pay(Core *c)
 {
     for (int cls = READER; cls <= WRITER; cls++)
@@ -398,58 +531,75 @@ static void pay(Core *c)
             }
 }
 
-static void dec_floor(_Atomic uint64_t *w, uint64_t n)
-{
-    uint64_t v = atomic_load(w);
-    atomic_store(w, v - min64(v, n));
-}
+/* -- slots: who waits, per process, for the registrations of the dead ----------------------- */
 
-/* Drop a dead slot's registrations, assuming each consumed a post (the safe direction). */
+/* Drop a dead slot's registrations, assuming each consumed a post (I6; dirty is set). */
 static void forget_slot(Core *c, int i)
 {
-    struct page *p = c->pg;
-    struct slot *s = &p->slots[i];
+    struct slot *s = &c->pg->slots[i];
     for (int cls = READER; cls <= WRITER; cls++) {
         uint64_t n = atomic_load(&s->waiting[cls]);
         if (n) {
-            dec_floor(&p->waiting[cls], n);
-            dec_floor(&p->posted[cls], n);
+            uint64_t wp = wp_load(c, cls);
+            wp_store(c, cls, W_of(wp) - min64(W_of(wp), n), P_of(wp) - min64(P_of(wp), n));
             atomic_store(&s->waiting[cls], 0);
         }
     }
     atomic_store(&s->pid, 0);
 }
 
-/* Forget the registrations of processes whose liveness byte the kernel released. */
-static void correct_dead(Core *c)
+/* Forget the registrations of processes whose liveness byte the kernel released: one query
+ * per slot with waiters.  Only where it matters: a repair, or a waiter that finds posts
+ * wrong (maybe_sweep); never at every step. */
+static void sweep_dead(Core *c)
 {
     struct page *p = c->pg;
-    uint64_t hwm = min64(atomic_load(&p->hwm), NSLOTS);
+    uint64_t hwm = min64(atomic_load(&p->w.hwm), NSLOTS);
     for (int i = 0; i < (int)hwm; i++) {
         struct slot *s = &p->slots[i];
-        if (i == c->slot || !(atomic_load(&s->waiting[0]) || atomic_load(&s->waiting[1])))
+        if (i == c->slot || !(atomic_load(&s->waiting[READER]) || atomic_load(&s->waiting[WRITER])))
             continue;
         if (!slot_alive(c, i))
             forget_slot(c, i);
     }
 }
 
-/* Claim a slot: lock a liveness byte first, then take over whatever its dead owner left. */
+/* A waiter found its posts wrong (it could proceed but was not posted, or was posted for
+ * nothing): registrations of the dead may be the cause.  One sweep per SWEEP_GAP among all
+ * processes: the first to claim the time does it. */
+static void maybe_sweep(Core *c)
+{
+    struct page *p = c->pg;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t t = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    uint64_t last = atomic_load(&p->w.swept);
+    /* (t < last: another clock, in another time namespace; sweep rather than never) */
+    if (t >= last && t - last < (uint64_t)(SWEEP_GAP * 1e9))
+        return;
+    atomic_store(&p->w.swept, t); /* (the lock is held: no other sweeper races us) */
+    atomic_store(&p->w.dirty, 1);
+    sweep_dead(c);
+    atomic_store(&p->w.dirty, 0);
+}
+
+/* Claim a slot: lock a liveness byte first, then take over whatever a dead owner left.
+ * Fresh slots first (nobody ever held their bytes: a joining process costs one try), then
+ * the slots of processes that are gone. */
 static int claim_slot(Core *c)
 {
     struct page *p = c->pg;
-    uint64_t hwm = min64(atomic_load(&p->hwm), NSLOTS);
-    for (int i = 0; i < NSLOTS; i++) {
-        if (i < (int)hwm && atomic_load(&p->slots[i].pid) && slot_alive(c, i))
-            continue;
+    uint64_t hwm = min64(atomic_load(&p->w.hwm), NSLOTS);
+    for (int k = 0; k < NSLOTS; k++) {
+        int i = (int)((hwm + (uint64_t)k) % NSLOTS);
         if (byte_try(c, F_WRLCK, LIVENESS_BASE + i) != 0)
-            continue;
-        atomic_store(&p->dirty, 1);
+            continue; /* its owner lives */
+        atomic_store(&p->w.dirty, 1);
         forget_slot(c, i);
         atomic_store(&p->slots[i].pid, (uint64_t)getpid());
-        if ((uint64_t)i >= hwm)
-            atomic_store(&p->hwm, (uint64_t)i + 1);
-        atomic_store(&p->dirty, 0);
+        if ((uint64_t)i >= atomic_load(&p->w.hwm))
+            atomic_store(&p->w.hwm, (uint64_t)i + 1);
+        atomic_store(&p->w.dirty, 0);
         c->slot = i;
         STEP(SLOT_CLAIMED);
         return 0;
@@ -462,44 +612,39 @@ static int register_waiter(Core *c, int cls)
     struct page *p = c->pg;
     if (c->slot < 0 && claim_slot(c) != 0)
         return -1;
-    atomic_store(&p->dirty, 1);
-    atomic_fetch_add(&p->waiting[cls], 1);
+    uint64_t wp = wp_load(c, cls);
+    atomic_store(&p->w.dirty, 1);
+    wp_store(c, cls, W_of(wp) + 1, P_of(wp));
     atomic_fetch_add(&p->slots[c->slot].waiting[cls], 1);
-    atomic_store(&p->dirty, 0);
+    atomic_store(&p->w.dirty, 0);
     return 0;
 }
 
-/* How a wait step ended. */
-enum { NOWAIT, CONSUMED, EXPIRED, FAILED };
+/* How a registration ends. */
+enum { NOWAIT, CONSUMED, EXPIRED };
 
-/* Account a registration after its wait step ended `how` (NOWAIT: it never waited). */
+/* Account a registration whose wait step ended `how` (NOWAIT: it never waited). */
 static void unregister(Core *c, int cls, int how)
 {
     struct page *p = c->pg;
-    atomic_store(&p->dirty, 1);
-    dec_floor(&p->waiting[cls], 1);
-    dec_floor(&p->slots[c->slot].waiting[cls], 1);
-    if (how == CONSUMED || how == FAILED) /* FAILED: outcome unknown, assume consumed */
-        dec_floor(&p->posted[cls], 1);
-    atomic_store(&p->dirty, 0);
-    if (how == NOWAIT || how == CONSUMED)
-        return;
-    if (how == EXPIRED && atomic_load(&p->posted[cls]) > atomic_load(&p->waiting[cls])) {
+    struct slot *s = &p->slots[c->slot];
+    uint64_t wp = wp_load(c, cls), w = W_of(wp), posted = P_of(wp);
+    w -= min64(w, 1);
+    if (how == CONSUMED)
+        posted -= min64(posted, 1);
+    atomic_store(&p->w.dirty, 1);
+    wp_store(c, cls, w, posted);
+    uint64_t mine = atomic_load(&s->waiting[cls]);
+    atomic_store(&s->waiting[cls], mine - min64(mine, 1));
+    atomic_store(&p->w.dirty, 0);
+    if (how == EXPIRED && posted > w) {
         /* More posts accounted than waiters: a post meant for us arrived as the step ended
          * (absorb it, so strays cannot pile up), or its poster died between unlocking and
          * posting (then there is none to take, and the count drops all the same).  Were it
          * only late, it becomes a stray: a spurious wake-up, never a lost one (I6). */
-        atomic_fetch_sub(&p->posted[cls], 1);
+        wp_store(c, cls, w, posted - 1);
         sem_trywait(c->sem[cls]);
     }
-    if (how == EXPIRED) {
-        atomic_store(&p->dirty, 1);
-        correct_dead(c);
-        atomic_store(&p->dirty, 0);
-    }
-    restore_readers(c);
-    /* (Writers are posted when room grows: by reads, repairs and the lock-free read's
-     * post.  Posting them here would wake every blocked writer at each expiry.) */
 }
 
 static void settle_abandoned(Core *c)
@@ -514,73 +659,102 @@ static void settle_abandoned(Core *c)
 
 /* A holder died between related updates (dirty set, or EOWNERDEAD): re-derive everything
  * from committed values.  Idempotent, and dirty stays set until the end, so a death during
- * the repair only makes the next holder repeat it. */
+ * the repair only makes the next holder repeat it.  The rule itself runs at the end of the
+ * section the repairer is in (the kick bits ask for both classes). */
 static void repair(Core *c)
 {
     struct page *p = c->pg;
     STEP(REPAIR_START);
-    atomic_store(&p->dirty, 1);
-    correct_dead(c);
-    uint64_t hwm = min64(atomic_load(&p->hwm), NSLOTS), w[2] = {0, 0};
+    atomic_store(&p->w.dirty, 1);
+    sweep_dead(c);
+    uint64_t hwm = min64(atomic_load(&p->w.hwm), NSLOTS), w[2] = {0, 0};
     for (int i = 0; i < (int)hwm; i++)
         if (atomic_load(&p->slots[i].pid))
             for (int cls = READER; cls <= WRITER; cls++)
                 w[cls] += atomic_load(&p->slots[i].waiting[cls]);
-    for (int cls = READER; cls <= WRITER; cls++) {
-        atomic_store(&p->waiting[cls], w[cls]);
-        atomic_store(&p->posted[cls], min64(atomic_load(&p->posted[cls]), w[cls]));
-    }
+    for (int cls = READER; cls <= WRITER; cls++)
+        wp_store(c, cls, w[cls], min64(P_of(wp_load(c, cls)), w[cls]));
     STEP(REPAIR_SLOTS);
-    if (atomic_load(&p->armed)) {
-        /* Readiness from the committed counter.  Lock-free writers act only on a counter
-         * > 0, so the zero-ness read here holds until we unlock. */
-        int queued = pipe_pending(c);
-        uint64_t cnt = atomic_load(&p->counter);
-        if (cnt && !queued)
-            pipe_byte(c);
-        else if (!cnt && queued)
-            pipe_drain(c);
-    }
+    if (atomic_load(&p->w.armed))
+        pipe_match(c); /* lock-free writers act only on c > 0: the zero-ness holds */
     STEP(REPAIR_PIPE);
-    restore_readers(c);
-    restore_writers(c);
+    atomic_fetch_or(&p->w.kick, KICK_READERS | KICK_WRITERS); /* a dead holder's posts */
     STEP(REPAIR_POSTED);
-    atomic_fetch_add(&p->repairs, 1);
-    atomic_store(&p->dirty, 0);
+    atomic_fetch_add(&p->w.repairs, 1);
+    atomic_store(&p->w.dirty, 0);
     STEP(REPAIR_DONE);
 }
 
+/* -- the operation: one context for every step of a call ------------------------------------ */
+
+enum { OP_READ, OP_WRITE, OP_ARM, OP_RULE };
+
+/* What a call, and each of its steps, ends with: one vocabulary. */
+enum {
+    DONE,     /* finished (a read: o->v holds what it took); the lock: held */
+    BLOCKED,  /* registered as a waiter: wait, then come back */
+    AGAIN,    /* it would have to wait for the counter and may not (EAGAIN) */
+    TIMEDOUT, /* the deadline passed (ETIMEDOUT) */
+    BUSY,     /* the lock stayed held past the caller's patience */
+    NOSLOT,   /* every waiter slot is taken (EUSERS) */
+    CORRUPT,  /* a shared word is out of range, or the mutex is not recoverable */
+    LOCKFAIL, /* the lock returned what it never should (o->err) */
+    PYERR,    /* a Python exception is set (a signal handler raised) */
+    FORKED,   /* a signal handler forked: this is the child, whose call ends */
+};
+
+struct op {
+    Core *c;
+    int kind;          /* OP_* */
+    int cls;           /* the class it waits as: READER for reads, WRITER for writes */
+    uint64_t v;        /* the value written; what a read took */
+    double until;      /* deadline for the counter: -1 never waits, INFINITY never gives up */
+    double lock_until; /* deadline for the lock */
+    int spin;          /* watch the counter before sleeping (a blocking normal-mode read) */
+    int signals;       /* the main thread: run signal handlers between steps */
+    int registered;    /* a registration of this call is counted in the page */
+    int woke;          /* its last wait step consumed a post */
+    int died;          /* the lock's previous holder died inside (EOWNERDEAD) */
+    int err;           /* LOCKFAIL: what the lock returned */
+    unsigned long gen; /* the fork generation at entry */
+    PyThreadState *ts; /* while the GIL is released */
+};
+
 /* -- the lock ------------------------------------------------------------------------------ */
 
-enum { LOCKED = 0, OWNER_DIED = 1, BUSY = -1, BROKEN = -2 };
-
-static int robust_result(int r)
+/* A pthread result as a step result. */
+static int lock_result(struct op *o, int err)
 {
-    return r == 0 ? LOCKED : r == EOWNERDEAD ? OWNER_DIED : r == ENOTRECOVERABLE ? BROKEN : BUSY;
+    switch (err) {
+    case 0: return DONE;
+    case EOWNERDEAD: o->died = 1; return DONE; /* held; its last holder died inside */
+    case EBUSY:
+    case ETIMEDOUT: return BUSY;
+    case ENOTRECOVERABLE: return CORRUPT;
+    default: o->err = err; return LOCKFAIL; /* EINVAL, EDEADLK: a damaged mutex */
+    }
 }
 
-/* Try once.  LOCKED, OWNER_DIED (locked; the previous holder died inside), BUSY, BROKEN. */
-static int lock_try(Core *c)
+/* Try once. */
+static int lock_try(struct op *o)
 {
+    Core *c = o->c;
 #ifdef HAVE_ROBUST_MUTEX
     if (c->mutex_kind == MUTEX_ROBUST)
-        return robust_result(pthread_mutex_trylock(&c->pg->mutex.m));
+        return lock_result(o, pthread_mutex_trylock(&c->pg->mutex.m));
 #endif
     if (pthread_mutex_trylock(&c->local) != 0)
         return BUSY;
     if (byte_try(c, F_WRLCK, MUTEX_BYTE_OFFSET) != 0) {
+        int e = errno;
         pthread_mutex_unlock(&c->local);
-        return BUSY;
+        if (e == EAGAIN || e == EACCES || e == EINTR) /* held (fcntl(2)) */
+            return BUSY;
+        o->err = e;
+        return LOCKFAIL;
     }
-    return LOCKED;
+    return DONE;
 }
-
-/* A section holds the lock for a fraction of a microsecond while its holder runs: a busy
- * robust mutex is retried for LOCK_SPIN before anything else (an adaptive mutex; robust
- * mutexes do not spin), by the clock, since a PAUSE takes from under 1 ns to 16 ns (16 on
- * this Xeon: 800 of them, once meant as 2 us, were 12.5 us).  Not for the byte lock, whose
- * every try is a system call, and not on one CPU. */
-static int lock_cpus = 1;
 
 static inline void cpu_relax(void)
 {
@@ -591,16 +765,20 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static int lock_spin(Core *c)
+/* A section holds the lock for a fraction of a microsecond while its holder runs: a busy
+ * robust mutex is retried for LOCK_SPIN before anything else (an adaptive mutex; robust
+ * mutexes do not spin), by the clock, since a PAUSE lasts anything from under 1 ns to tens.
+ * Not for the byte lock, whose every try is a system call, and not on one CPU. */
+static int lock_spin(struct op *o)
 {
-    int r = lock_try(c);
-    if (r != BUSY || c->mutex_kind != MUTEX_ROBUST || lock_cpus < 2)
+    int r = lock_try(o);
+    if (r != BUSY || o->c->mutex_kind != MUTEX_ROBUST || lock_cpus < 2)
         return r;
     double end = now() + LOCK_SPIN;
     do {
         for (int j = 0; j < 8; j++)
             cpu_relax();
-        r = lock_try(c);
+        r = lock_try(o);
     } while (r == BUSY && now() < end);
     return r;
 }
@@ -610,13 +788,13 @@ static int lock_spin(Core *c)
  * lets a holder that waits for this CPU finish, which costs less than a sleep on the lock
  * and a wake-up from its unlock.  Without the GIL: a yield may last a scheduler slice; and
  * none starts after `stop`.  (On one CPU too, where the holder can only be waiting for it.) */
-static int lock_yield(Core *c, double stop)
+static int lock_yield(struct op *o, double stop)
 {
-    int r = lock_try(c);
-    for (int i = 0; i < LOCK_YIELDS && r == BUSY && c->mutex_kind == MUTEX_ROBUST &&
+    int r = lock_try(o);
+    for (int i = 0; i < LOCK_YIELDS && r == BUSY && o->c->mutex_kind == MUTEX_ROBUST &&
                     now() < stop; i++) {
         sched_yield();
-        r = lock_try(c);
+        r = lock_try(o);
     }
     return r;
 }
@@ -639,27 +817,33 @@ static int mutex_until(pthread_mutex_t *m, double stop)
 }
 
 /* Wait for the lock until `stop` (monotonic), without the GIL. */
-static int lock_until(Core *c, double stop)
+static int lock_wait(struct op *o, double stop)
 {
+    Core *c = o->c;
 #ifdef HAVE_ROBUST_MUTEX
     if (c->mutex_kind == MUTEX_ROBUST)
-        return robust_result(mutex_until(&c->pg->mutex.m, stop));
+        return lock_result(o, mutex_until(&c->pg->mutex.m, stop));
 #endif
     if (mutex_until(&c->local, stop) != 0)
         return BUSY;
     /* F_SETLKW cannot time out, and a stopped holder must not hold a timed call hostage:
      * poll with a back-off.  Live holders keep the lock for microseconds. */
     double delay = 20e-6;
-    while (byte_try(c, F_WRLCK, MUTEX_BYTE_OFFSET) != 0) {
+    for (;;) {
+        if (byte_try(c, F_WRLCK, MUTEX_BYTE_OFFSET) == 0)
+            return DONE;
+        int e = errno;
         double left = stop - now();
-        if (left <= 0) {
+        if (left <= 0 || !(e == EAGAIN || e == EACCES || e == EINTR)) {
             pthread_mutex_unlock(&c->local);
-            return BUSY;
+            if (left <= 0)
+                return BUSY;
+            o->err = e;
+            return LOCKFAIL;
         }
         nap(delay < left ? delay : left);
         delay = delay * 2 < 2e-3 ? delay * 2 : 2e-3;
     }
-    return LOCKED;
 }
 
 static void unlock(Core *c)
@@ -673,49 +857,53 @@ static void unlock(Core *c)
         byte_try(c, F_UNLCK, MUTEX_BYTE_OFFSET);
         pthread_mutex_unlock(&c->local);
     }
-    STEP(LOCK_UNLOCKED);
-    pay(c);
 }
 
-/* After taking the lock: repair what a dead holder left, then mark a robust mutex
- * consistent (unlocking without that would make it ENOTRECOVERABLE for good). */
-static void locked(Core *c, int how)
+/* Just taken: repair what a dead holder left, then mark a robust mutex consistent
+ * (unlocking without that would make it ENOTRECOVERABLE for good). */
+static void taken(struct op *o)
 {
+    Core *c = o->c;
     STEP(LOCK_TAKEN);
-    if (how == OWNER_DIED || atomic_load(&c->pg->dirty))
+    if (o->died || atomic_load(&c->pg->w.dirty))
         repair(c);
 #ifdef HAVE_ROBUST_MUTEX
-    if (how == OWNER_DIED)
+    if (o->died)
         pthread_mutex_consistent(&c->pg->mutex.m);
 #endif
+    o->died = 0;
+}
+
+/* Take the lock without waiting for it (DONE: held, and repaired). */
+static int enter_try(struct op *o)
+{
+    int r = lock_try(o);
+    if (r == DONE)
+        taken(o);
+    return r;
 }
 
 /* -- the sections -------------------------------------------------------------------------- */
-
-enum { OP_READ, OP_WRITE, OP_POST, OP_ARM };
-enum { S_DONE, S_WAIT, S_AGAIN, S_TIMEDOUT, S_EUSERS, S_CORRUPT, S_RETRY };
 
 /* n -> 0: a normal read, or a semaphore read of 1.  The drain comes after the commit.
  * Returns what was taken, or 0 when a lock-free writer changed a semaphore-mode 1 first. */
 static uint64_t take_all(Core *c, uint64_t cnt)
 {
     struct page *p = c->pg;
-    atomic_store(&p->dirty, 1);
+    atomic_store(&p->w.dirty, 1);
     STEP(READ_DIRTY);
     uint64_t got = 1;
     if (!c->semaphore)
-        got = atomic_exchange(&p->counter, 0); /* with whatever lock-free writers added */
-    else if (!atomic_compare_exchange_strong(&p->counter, &cnt, 0)) {
-        atomic_store(&p->dirty, 0); /* nothing done: the caller looks again */
+        got = atomic_exchange(&p->w.counter, 0); /* with whatever lock-free writers added */
+    else if (!atomic_compare_exchange_strong(&p->w.counter, &cnt, 0)) {
+        atomic_store(&p->w.dirty, 0); /* nothing done: the caller looks again */
         return 0;
     }
     STEP(READ_COMMIT);
-    if (atomic_load(&p->armed))
+    if (atomic_load(&p->w.armed))
         pipe_drain(c);
     STEP(READ_DRAINED);
-    restore_writers(c);
-    STEP(READ_POSTED);
-    atomic_store(&p->dirty, 0);
+    atomic_store(&p->w.dirty, 0);
     return got;
 }
 
@@ -723,124 +911,175 @@ static uint64_t take_all(Core *c, uint64_t cnt)
 static void give_from_zero(Core *c, uint64_t v)
 {
     struct page *p = c->pg;
-    atomic_store(&p->dirty, 1);
+    atomic_store(&p->w.dirty, 1);
     STEP(WRITE_DIRTY);
-    if (atomic_load(&p->armed))
+    if (atomic_load(&p->w.armed))
         pipe_byte(c);
     STEP(WRITE_PIPE);
-    atomic_store(&p->counter, v);
+    atomic_store(&p->w.counter, v);
     STEP(WRITE_COMMIT);
-    restore_readers(c);
-    STEP(WRITE_POSTED);
-    atomic_store(&p->dirty, 0);
+    atomic_store(&p->w.dirty, 0);
 }
 
-/* One attempt at the operation; the lock is held. */
-static int attempt(Core *c, int op, uint64_t v, uint64_t *got)
+/* Can the operation proceed on counter `cnt`? */
+static int can_proceed(struct op *o, uint64_t cnt)
 {
-    struct page *p = c->pg;
-    uint64_t cnt = atomic_load(&p->counter);
     if (cnt > MAX_VALUE)
-        return S_CORRUPT;
-    if (op == OP_READ) {
-        if (!cnt)
-            return S_WAIT;
+        return 1; /* corrupt: go and report it */
+    return o->kind == OP_READ ? cnt > 0 : o->v <= MAX_VALUE - cnt;
+}
+
+/* One attempt at the operation (lock held): DONE, BLOCKED (it cannot proceed now), CORRUPT;
+ * AGAIN when a lock-free operation changed the counter under it (look again).  `*room`
+ * gets KICK_WRITERS when the attempt made room. */
+static int attempt(struct op *o, uint64_t *room)
+{
+    Core *c = o->c;
+    struct page *p = c->pg;
+    uint64_t cnt = atomic_load(&p->w.counter);
+    if (cnt > MAX_VALUE)
+        return CORRUPT;
+    if (!can_proceed(o, cnt))
+        return BLOCKED;
+    if (o->kind == OP_READ) {
+        *room = KICK_WRITERS;
         if (c->semaphore && cnt >= 2) {
             /* Stays > 0: lock-free readers and writers may move it meanwhile, so CAS. */
-            if (!atomic_compare_exchange_strong(&p->counter, &cnt, cnt - 1))
-                return S_RETRY;
+            if (!atomic_compare_exchange_strong(&p->w.counter, &cnt, cnt - 1))
+                return AGAIN;
             STEP(READ_COMMIT);
-            restore_writers(c);
-            *got = 1;
-            return S_DONE;
+            o->v = 1;
+            return DONE;
         }
-        *got = take_all(c, cnt);
-        return *got ? S_DONE : S_RETRY;
+        o->v = take_all(c, cnt);
+        return o->v ? DONE : AGAIN;
     }
-    if (v > MAX_VALUE - cnt)
-        return S_WAIT;
-    if (!v)
-        return S_DONE; /* write(0): always succeeds, changes nothing */
+    if (!o->v)
+        return DONE; /* write(0): always succeeds, changes nothing */
     if (!cnt) {
-        give_from_zero(c, v);
-        return S_DONE;
+        give_from_zero(c, o->v);
+        return DONE;
     }
-    if (!atomic_compare_exchange_strong(&p->counter, &cnt, cnt + v))
-        return S_RETRY;
+    if (!atomic_compare_exchange_strong(&p->w.counter, &cnt, cnt + o->v))
+        return AGAIN;
     STEP(WRITE_COMMIT);
-    restore_readers(c);
-    return S_DONE;
+    return DONE;
 }
 
-/*
- * One critical section; the lock is held.  `*reg` is the class this call registered as in
- * its previous section (-1: none) and `how` says how its wait step ended.  Returns S_DONE
- * (with `*got` for a read), S_WAIT (registered as `*reg`: wait, then come back), or why
- * the call fails.
- */
-static int section(Core *c, int op, uint64_t v, int *reg, int how, double until, uint64_t *got)
+/* The operation proper (lock held): done, or registered to wait, or why not. */
+static int transition(struct op *o, uint64_t *room)
 {
-    struct page *p = c->pg;
-    settle_abandoned(c);
-    if (*reg >= 0) {
-        unregister(c, *reg, how);
-        *reg = -1;
-        STEP(WAIT_ACCOUNTED);
-    }
-    if (op == OP_POST) { /* after a lock-free commit that waiters of class v must hear of */
-        if (v == READER)
-            restore_readers(c);
-        else
-            restore_writers(c); /* (a lock-free read made room) */
-        return S_DONE;
-    }
-    if (op == OP_ARM) { /* readiness, for good: make the pipe match the counter first */
-        if (!atomic_load(&p->armed)) {
-            int queued = pipe_pending(c);
-            uint64_t cnt = atomic_load(&p->counter); /* its zero-ness is ours to change */
-            if (cnt && !queued)
-                pipe_byte(c);
-            else if (!cnt && queued)
-                pipe_drain(c);
-            atomic_store(&p->armed, 1);
-        }
-        return S_DONE;
-    }
-    if (op == OP_WRITE)
+    Core *c = o->c;
+    if (o->kind == OP_WRITE)
         STEP(WRITE_LOCKED);
     else
         STEP(READ_LOCKED);
     for (;;) {
-        int s = attempt(c, op, v, got);
-        if (s == S_RETRY)
+        int r = attempt(o, room);
+        if (r == AGAIN)
             continue;
-        if (s != S_WAIT)
-            return s;
-        if (until < 0)
-            return S_AGAIN;
-        if (until <= now())
-            return S_TIMEDOUT;
-        int cls = op == OP_READ ? READER : WRITER;
-        if (register_waiter(c, cls) != 0)
-            return S_EUSERS;
-        if (cls == WRITER && v <= MAX_VALUE - atomic_load(&p->counter)) {
-            /* The Dekker pair: a lock-free semaphore read CASes the counter, then loads
-             * W_w; we added to W_w, then load the counter (all seq_cst).  One of the two
-             * sees the other: we see the room it made, or it sees us and posts.  Readers
-             * need no such pair: they register at 0, and only lock holders leave 0. */
-            unregister(c, cls, NOWAIT);
+        if (r != BLOCKED)
+            return r;
+        if (o->until < 0)
+            return AGAIN;
+        if (o->until <= now())
+            return TIMEDOUT;
+        if (register_waiter(c, o->cls) != 0)
+            return NOSLOT;
+        if (o->kind == OP_WRITE && can_proceed(o, atomic_load(&c->pg->w.counter))) {
+            unregister(c, o->cls, NOWAIT); /* the Dekker pair: a lock-free read made room */
             continue;
         }
-        *reg = cls;
+        o->registered = 1;
         STEP(WAIT_REGISTERED);
-        return S_WAIT;
+        return BLOCKED;
     }
+}
+
+/* The registration of this call's last wait ends (lock held). */
+static void end_wait(struct op *o)
+{
+    Core *c = o->c;
+    unregister(c, o->cls, o->woke ? CONSUMED : EXPIRED);
+    o->registered = 0;
+    STEP(WAIT_ACCOUNTED);
+    if (o->kind == OP_RULE)
+        return; /* abandoned: the call ends */
+    /* Posted, yet nothing to take; or not posted, yet able to proceed: registrations of
+     * the dead may be what skews the rule (a dead waiter's consumed post still counted).
+     * A race lost to a lock-free read looks the same, hence the rate limit. */
+    if (o->woke != can_proceed(o, atomic_load(&c->pg->w.counter)))
+        maybe_sweep(c);
+}
+
+/* One critical section; the lock is held.  Settles what the call's last wait left, runs
+ * the operation, and ends with the post rule for both classes (I15). */
+static int section(struct op *o)
+{
+    Core *c = o->c;
+    uint64_t room = 0;
+    int r = DONE;
+    settle_abandoned(c);
+    if (o->registered)
+        end_wait(o);
+    if (o->kind == OP_READ || o->kind == OP_WRITE) {
+        r = transition(o, &room);
+    } else if (o->kind == OP_ARM && !atomic_load(&c->pg->w.armed)) {
+        pipe_match(c); /* readiness, for good: the pipe matches the counter first */
+        atomic_store(&c->pg->w.armed, 1);
+    }
+    post_rule(c, room);
+    if (r == DONE && o->kind == OP_READ)
+        STEP(READ_POSTED);
+    else if (r == DONE && o->kind == OP_WRITE)
+        STEP(WRITE_POSTED);
+    return r;
+}
+
+/* Unlock, make the posts the section accounted, and serve the kicks that lock-free commits
+ * made while we held the lock (the ordering argument is at the top of "wake-ups"). */
+static void leave(struct op *o)
+{
+    Core *c = o->c;
+    for (int round = 0;; round++) {
+        unlock(c);
+        STEP(LOCK_UNLOCKED);
+        pay(c);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (round == KICK_ROUNDS || !atomic_load(&c->pg->w.kick))
+            return; /* (a kick left now is served by the next section, or a waiter's look) */
+        struct op k = {.c = c, .kind = OP_RULE};
+        if (enter_try(&k) != DONE)
+            return; /* its holder will look when it unlocks */
+        section(&k);
+    }
+}
+
+/* A lock-free commit that waiters of `bits` must hear of: ask for the rule, and run it
+ * now if the lock is free; never wait for it (a committed write keeps its post anyway). */
+static int ensure_own(Core *c);
+
+static void kick(Core *c, uint64_t bits)
+{
+    atomic_fetch_or(&c->pg->w.kick, bits);
+    STEP(KICK_SET);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (ensure_own(c) != 0) { /* (a fork child without its description: a look serves it) */
+        PyErr_Clear();
+        return;
+    }
+    struct op k = {.c = c, .kind = OP_RULE};
+    if (enter_try(&k) != DONE)
+        return;
+    section(&k);
+    leave(&k);
 }
 
 /* -- waiting ------------------------------------------------------------------------------- */
 
-/* One bounded wait for a post, without the GIL: CONSUMED, or EXPIRED (also for EINTR). */
-static int wait_post(Core *c, int cls, double stop)
+/* One bounded wait for a post, without the GIL: 1 if it consumed one, 0 when the step ends
+ * (at `stop`, or early on a signal). */
+static int wait_step(Core *c, int cls, double stop)
 {
     sem_t *s = c->sem[cls];
     STEP(WAIT_STEP);
@@ -869,50 +1108,109 @@ static int wait_post(Core *c, int cls, double stop)
 #endif
     }
     if (r != 0)
-        return EXPIRED;
+        return 0;
     atomic_fetch_add_explicit(&woken, 1, memory_order_relaxed); /* (a statistic only) */
     STEP(WAIT_WOKEN);
-    return CONSUMED;
+    return 1;
 }
 
-/* Run Python's signal handlers between steps (main thread only; no lock is held). */
-static int check_signals(PyThreadState **ts)
+/* A wait step ended without a post: is there anything for this waiter?  Loads only, no
+ * lock, nothing scanned: an idle waiter costs its wake-up and this. */
+static int look(struct op *o)
 {
-    if (!is_main_thread())
+    struct page *p = o->c->pg;
+    atomic_fetch_add_explicit(&looks, 1, memory_order_relaxed);
+    uint64_t cnt = atomic_load(&p->w.counter);
+    if (!atomic_load(&p->w.kick) && cnt <= MAX_VALUE && !can_proceed(o, cnt))
         return 0;
-    PyEval_RestoreThread(*ts);
+    atomic_fetch_add_explicit(&looks_locked, 1, memory_order_relaxed);
+    return 1;
+}
+
+/* Run Python's signal handlers between steps (main thread only; no lock is held): DONE,
+ * PYERR (a handler raised), or FORKED (a handler forked, and this is the child). */
+static int between_steps(struct op *o)
+{
+    PyEval_RestoreThread(o->ts);
     int r = PyErr_CheckSignals();
-    *ts = PyEval_SaveThread();
+    o->ts = PyEval_SaveThread();
+    if (atomic_load(&fork_gen) != o->gen)
+        return FORKED;
+    return r < 0 ? PYERR : DONE;
+}
+
+/* Wait, in bounded steps, until a post comes, a look says go, or the deadline passes:
+ * DONE (go back under the lock), PYERR or FORKED.
+ *
+ * A step ends on a STEP_GRID boundary at most one step away: the timers of idle waiters in
+ * all processes then expire together, a batch per boundary, and a CPU that wakes from idle
+ * for one serves the whole batch (timer wake-ups from idle are the dearest part of an idle
+ * waiter's cost, dearer still under virtualisation).  A finer grid would batch less; a
+ * coarser one would make longer bursts, each of which delays whatever the CPUs had to do. */
+static int wait_post(struct op *o)
+{
+    double step = (o->signals ? STEP_MAIN : STEP_OTHER) - STEP_GRID;
+    for (;;) {
+        double t = now(), grid = ceil((t + step) / STEP_GRID) * STEP_GRID;
+        double stop = grid < o->until ? grid : o->until;
+        o->woke = wait_step(o->c, o->cls, stop);
+        if (o->woke)
+            return DONE;
+        if (o->signals) {
+            int r = between_steps(o);
+            if (r != DONE)
+                return r;
+        }
+        if (now() >= o->until || look(o))
+            return DONE;
+    }
+}
+
+/* Take the lock for the slow path, without the GIL, in steps (the main thread runs signal
+ * handlers between them) until o->lock_until: DONE (held, repaired), BUSY, TIMEDOUT,
+ * CORRUPT, LOCKFAIL, PYERR, FORKED. */
+static int enter(struct op *o)
+{
+    int r = lock_try(o);
+    if (r == BUSY && o->woke) /* (posts come after unlocks: a statistic of how often not) */
+        atomic_fetch_add_explicit(&woken_busy, 1, memory_order_relaxed);
+    if (r == BUSY)
+        r = lock_yield(o, o->lock_until);
+    while (r == BUSY) {
+        double t = now();
+        if (t >= o->lock_until)
+            return o->until < 0 ? BUSY : TIMEDOUT;
+        double stop = o->signals && t + STEP_MAIN < o->lock_until ? t + STEP_MAIN : o->lock_until;
+        r = lock_wait(o, stop);
+        if (r == BUSY && o->signals) {
+            int s = between_steps(o);
+            if (s != DONE)
+                return s;
+        }
+    }
+    if (r == DONE)
+        taken(o);
     return r;
 }
 
 /* A registration whose call ends without the lock (a handler raised; the deadline passed
  * while a stopped peer holds the lock): account it now if the lock is free, else leave it
  * to this process's next section.  Until then it only causes extra posts. */
-static void abandon(Core *c, int cls, int how)
+static void abandon(struct op *o)
 {
-    int r = lock_try(c);
-    if (r == BUSY || r == BROKEN) {
-        /* Settled later as an expired step (W - 1).  A post this wait consumed goes back
-         * first: the count still has it, and another waiter may need it meanwhile. */
-        if (how == CONSUMED)
-            sem_post(c->sem[cls]);
-        atomic_fetch_add(&c->abandoned[cls], 1);
+    Core *c = o->c;
+    o->kind = OP_RULE;
+    if (enter_try(o) == DONE) {
+        section(o);
+        leave(o);
         return;
     }
-    locked(c, r);
-    unregister(c, cls, how);
-    unlock(c);
-}
-
-/* What a call ends with. */
-enum { RES_OK, RES_ERROR /* a Python exception is set */, RES_AGAIN, RES_TIMEDOUT, RES_BUSY,
-       RES_EUSERS, RES_CORRUPT, RES_FORKED };
-
-static int result_of(int s)
-{
-    return s == S_DONE ? RES_OK : s == S_AGAIN ? RES_AGAIN : s == S_TIMEDOUT ? RES_TIMEDOUT
-           : s == S_EUSERS ? RES_EUSERS : RES_CORRUPT;
+    /* Settled later as an expired step (W - 1).  A post this wait consumed goes back first:
+     * the count still has it, and another waiter may need it meanwhile. */
+    if (o->woke)
+        sem_post(c->sem[o->cls]);
+    atomic_fetch_add(&c->abandoned[o->cls], 1);
+    o->registered = 0;
 }
 
 /* Before a blocking normal-mode read sleeps, it watches the counter for a moment: an
@@ -920,91 +1218,37 @@ static int result_of(int s)
  * seeing it saves the registration, the sleep and the wake-up.  The loads are relaxed:
  * only a hint, re-checked under the lock.  Never on one CPU (the writer could not run)
  * and never in semaphore mode (only the readers that can proceed should run). */
-static double spin_seconds;
-
-static void spin_for_counter(Core *c, double until)
+static void spin_for_counter(struct op *o)
 {
-    _Atomic uint64_t *counter = &c->pg->counter;
-    double end = now() + spin_seconds;
-    if (until < end)
-        end = until;
+    _Atomic uint64_t *counter = &o->c->pg->w.counter;
+    double end = now() + (double)atomic_load_explicit(&spin_ns, memory_order_relaxed) * 1e-9;
+    if (o->until < end)
+        end = o->until;
     while (!atomic_load_explicit(counter, memory_order_relaxed) && now() < end)
         sched_yield(); /* let a writer that shares our CPU run */
 }
 
-/* Run the signal handlers between steps; RES_FORKED if one of them forked and we are now
- * the child, which must not go on with its parent's registration. */
-static int between_steps(PyThreadState **ts, unsigned long gen)
+/* The contended or blocking path, without the GIL.  `waiting`: the caller's section has
+ * registered the call already, so it waits first. */
+static int slow_path(struct op *o, int waiting)
 {
-    int r = check_signals(ts);
-    if (atomic_load(&fork_gen) != gen)
-        return RES_FORKED;
-    return r < 0 ? RES_ERROR : RES_OK;
-}
-
-/*
- * The contended or blocking path, without the GIL.  `reg` >= 0: the caller's section has
- * already registered the call, so it waits first.  `lock_stop` bounds each wait for the
- * lock: the caller's deadline, PATIENCE from the first try for a non-blocking call,
- * AIO_PATIENCE for aread's, or the first try itself for a call that never waits for it.
- * With `interruptible` the main thread runs signal handlers between steps; a call that has
- * committed passes 0, so that a handler's exception can only come after it returns.
- * `spin`: watch the counter first (spin_for_counter).
- */
-static int slow_path(Core *c, int op, uint64_t v, int reg, double until, double lock_stop,
-                     int interruptible, int spin, uint64_t *got, PyThreadState **ts)
-{
-    int how = FAILED, res;
-    unsigned long gen = atomic_load(&fork_gen);
-    double step = is_main_thread() ? STEP_MAIN : STEP_OTHER;
-    if (spin)
-        spin_for_counter(c, until);
-    if (reg >= 0)
-        goto wait;
+    if (o->spin)
+        spin_for_counter(o);
     for (;;) {
-        int r = lock_try(c);
-        if (how == CONSUMED && r == BUSY) /* (posts come after unlocks) */
-            atomic_fetch_add_explicit(&woken_busy, 1, memory_order_relaxed);
-        if (r == BUSY)
-            r = lock_yield(c, lock_stop);
-        while (r == BUSY) { /* the lock, in steps */
-            double t = now();
-            double stop = t + step < lock_stop ? t + step : lock_stop;
-            r = stop > t ? lock_until(c, stop) : lock_try(c);
-            if (r != BUSY)
-                break;
-            if (now() >= lock_stop) {
-                if (reg >= 0)
-                    abandon(c, reg, how);
-                return until < 0 ? RES_BUSY : RES_TIMEDOUT;
-            }
-            if (interruptible && (res = between_steps(ts, gen)) != RES_OK) {
-                if (reg >= 0 && res != RES_FORKED)
-                    abandon(c, reg, how);
-                return res;
-            }
+        int r;
+        if (!waiting) {
+            if ((r = enter(o)) != DONE)
+                return r;
+            r = section(o);
+            leave(o);
+            if (r != BLOCKED)
+                return r;
         }
-        if (r == BROKEN) {
-            if (reg >= 0)
-                abandon(c, reg, how);
-            return RES_CORRUPT;
-        }
-        locked(c, r);
-        int s = section(c, op, v, &reg, how, until, got);
-        unlock(c);
-        if (s != S_WAIT)
-            return result_of(s);
-    wait: {
-        double t = now(), stop = t + step < until ? t + step : until;
-        how = wait_post(c, reg, stop);
-        if (how == EXPIRED && interruptible && (res = between_steps(ts, gen)) != RES_OK) {
-            if (res != RES_FORKED)
-                abandon(c, reg, how);
-            return res;
-        }
-        if (until != INFINITY) /* a registered waiter waits for the lock until its deadline */
-            lock_stop = until;
-    }
+        waiting = 0;
+        if ((r = wait_post(o)) != DONE)
+            return r;
+        if (o->until != INFINITY) /* a registered waiter waits for the lock until its deadline */
+            o->lock_until = o->until;
     }
 }
 
@@ -1051,115 +1295,99 @@ static int ensure_own(Core *c)
 
 static void release_after(Core *c);
 
-/* `op` on the locked path: one try with the GIL held (the usual case: no wait), else the
- * slow path without it.  `spin`: a blocking normal-mode read watches the counter first.
- * Returns a RES_ code. */
-static int locked_op(Core *c, int op, uint64_t v, double until, double lock_stop,
-                     int interruptible, int spin, uint64_t *got)
+/* Run `o` on the locked path: one try with the GIL held (the usual case: no wait), else the
+ * slow path without it.  Returns what the call ends with. */
+static int run(struct op *o)
 {
+    Core *c = o->c;
     if (ensure_own(c) != 0)
-        return RES_ERROR;
-    int reg = -1, r = BUSY, res = -1;
-    spin = spin && spin_seconds > 0 && !atomic_load_explicit(&c->pg->counter,
-                                                             memory_order_relaxed);
+        return PYERR;
+    o->cls = o->kind == OP_WRITE ? WRITER : READER;
+    o->signals = is_main_thread();
+    o->gen = atomic_load(&fork_gen);
+    o->spin = o->spin && atomic_load_explicit(&spin_ns, memory_order_relaxed) > 0 &&
+              !atomic_load_explicit(&c->pg->w.counter, memory_order_relaxed);
+    if (o->lock_until < 0)
+        o->lock_until = now() + PATIENCE; /* a non-blocking call waits for a held lock */
+    int r = BUSY;
     c->inflight++; /* (also covers the test hook that lets the GIL go inside a section) */
-    if (!spin)
-        r = lock_spin(c);
-    if (r == BROKEN)
-        res = RES_CORRUPT;
-    else if (r != BUSY) {
-        locked(c, r);
-        int s = section(c, op, v, &reg, FAILED, until, got);
-        unlock(c);
-        if (s != S_WAIT)
-            res = result_of(s);
+    if (!o->spin && (r = lock_spin(o)) == DONE) {
+        taken(o);
+        r = section(o);
+        leave(o);
     }
-    if (res < 0) {
-        if (lock_stop < 0)
-            lock_stop = now() + PATIENCE;
-        PyThreadState *ts = PyEval_SaveThread();
-        res = slow_path(c, op, v, reg, until, lock_stop, interruptible, spin, got, &ts);
-        PyEval_RestoreThread(ts);
-        if (res == RES_FORKED) /* a handler forked: this is the child, and its call ends */
-            return res;        /* (its inflight count is its own, from zero) */
+    if (r == BUSY || r == BLOCKED) {
+        o->ts = PyEval_SaveThread();
+        r = slow_path(o, r == BLOCKED);
+        if (r != DONE && r != FORKED && o->registered)
+            abandon(o);
+        PyEval_RestoreThread(o->ts);
+        o->ts = NULL;
+        if (r == FORKED) /* a handler forked: this is the child, and its call ends */
+            return r;    /* (its inflight count is its own, from zero) */
     }
     c->inflight--;
     release_after(c);
-    return res;
+    return r;
 }
 
-/* After a lock-free commit that a waiter needs to hear of (`cls`).  The call has committed
- * and must not fail now: it waits for the lock no longer than the caller allows (and at most
- * PATIENCE), and runs no signal handler; a waiter whose post this skips re-checks under the
- * lock at the end of its wait step anyway. */
-static void post_after(Core *c, int cls, double lock_stop)
+/* write(v): lock-free when the counter is > 0 and stays > 0, else a locked section. */
+static int core_write(struct op *o)
 {
-    uint64_t unused;
-    double limit = now() + PATIENCE;
-    locked_op(c, OP_POST, (uint64_t)cls, -1.0, lock_stop >= 0 && lock_stop < limit ? lock_stop
-              : limit, 0, 0, &unused);
-    if (PyErr_Occurred()) /* (ensure_own in a fork child could fail; the write stands) */
-        PyErr_Clear();
-}
-
-/* Do readers wait for a post that this lock-free write must issue?  (Right after its CAS.) */
-static int readers_want(Core *c, uint64_t cnt)
-{
+    Core *c = o->c;
     struct page *p = c->pg;
-    uint64_t w = atomic_load(&p->waiting[READER]);
-    if (!w)
-        return 0;
-    uint64_t want = c->semaphore ? min64(cnt, w) : 1;
-    return atomic_load(&p->posted[READER]) < want;
-}
-
-static int core_write(Core *c, uint64_t v, double until, double lock_stop, int interruptible)
-{
-    struct page *p = c->pg;
+    uint64_t v = o->v;
+    o->kind = OP_WRITE;
     /* Lock-free: a write that finds the counter > 0 and leaves it > 0 is one CAS.  (A
      * write(0) takes the lock: it changes nothing, and repairs what a dead holder left.) */
-    uint64_t cnt = atomic_load(&p->counter);
+    uint64_t cnt = atomic_load(&p->w.counter);
     while (cnt && v && cnt <= MAX_VALUE && v <= MAX_VALUE - cnt) {
-        if (atomic_compare_exchange_weak(&p->counter, &cnt, cnt + v)) {
+        if (atomic_compare_exchange_weak(&p->w.counter, &cnt, cnt + v)) {
             STEP(WRITE_LOCKFREE);
-            if (readers_want(c, cnt + v))
-                post_after(c, READER, lock_stop);
-            return RES_OK;
+            uint64_t wp = wp_load(c, READER);
+            if (P_of(wp) < readers_ready(c, cnt + v, W_of(wp)))
+                kick(c, KICK_READERS);
+            return DONE;
         }
     }
-    uint64_t unused;
-    return locked_op(c, OP_WRITE, v, until, lock_stop, interruptible, 0, &unused);
+    return run(o);
 }
 
-static int core_read(Core *c, double until, double lock_stop, uint64_t *got)
+/* read(): lock-free for a semaphore read of a counter >= 2, else a locked section; the
+ * value read in o->v. */
+static int core_read(struct op *o)
 {
+    Core *c = o->c;
     struct page *p = c->pg;
+    o->kind = OP_READ;
     if (c->semaphore) {
-        /* Lock-free: a semaphore read of a counter >= 2 is one CAS. */
-        uint64_t cnt = atomic_load(&p->counter);
+        uint64_t cnt = atomic_load(&p->w.counter);
         while (cnt >= 2 && cnt <= MAX_VALUE) {
-            if (atomic_compare_exchange_weak(&p->counter, &cnt, cnt - 1)) {
+            if (atomic_compare_exchange_weak(&p->w.counter, &cnt, cnt - 1)) {
                 STEP(READ_LOCKFREE);
-                /* The other half of section()'s Dekker pair. */
-                if (atomic_load(&p->waiting[WRITER]) > atomic_load(&p->posted[WRITER]))
-                    post_after(c, WRITER, lock_stop);
-                *got = 1;
-                return RES_OK;
+                uint64_t wp = wp_load(c, WRITER); /* the other half of the Dekker pair */
+                if (P_of(wp) < W_of(wp))
+                    kick(c, KICK_WRITERS);
+                o->v = 1;
+                return DONE;
             }
         }
     }
-    return locked_op(c, OP_READ, 0, until, lock_stop, 1, !c->semaphore && until != -1.0, got);
+    o->spin = !c->semaphore && o->until != -1.0;
+    return run(o);
 }
 
 /* Readiness is armed once a pollable fd is handed out anywhere (fileno(), fds, handle,
  * aread): until then no transition touches the pipe, since nobody can poll it.  Arming
  * waits for the lock at most PATIENCE (BlockingIOError past it: a stopped holder). */
-static int core_arm(Core *c)
+static int core_arm(struct op *o)
 {
-    if (__builtin_expect(atomic_load(&c->pg->armed) != 0, 1))
-        return RES_OK;
-    uint64_t unused;
-    return locked_op(c, OP_ARM, 0, INFINITY, now() + PATIENCE, 1, 0, &unused);
+    if (__builtin_expect(atomic_load(&o->c->pg->w.armed) != 0, 1))
+        return DONE;
+    o->kind = OP_ARM;
+    o->until = INFINITY;
+    o->lock_until = -1.0;
+    return run(o);
 }
 
 static PyObject *closed_error(void)
@@ -1168,29 +1396,38 @@ static PyObject *closed_error(void)
     return NULL;
 }
 
-/* Turn a RES_ code into the exception the caller sees (NULL), or NULL for RES_OK's caller to
- * build its result. */
-static PyObject *raise_result(int r)
+/* Turn a call's result into the exception its caller sees (NULL). */
+static PyObject *raise_result(int r, int err)
 {
     switch (r) {
-    case RES_AGAIN: set_oserror(EAGAIN, "Resource temporarily unavailable"); break;
-    case RES_TIMEDOUT:
+    case AGAIN: set_oserror(EAGAIN, "Resource temporarily unavailable"); break;
+    case TIMEDOUT:
         set_oserror(ETIMEDOUT, "timed out: the eventfd did not become ready in time");
         break;
-    case RES_BUSY:
+    case BUSY:
         set_oserror(EAGAIN, "the eventfd's lock stayed held by another thread or process "
                             "(a stopped holder?) for longer than a non-blocking call waits");
         break;
-    case RES_EUSERS: set_oserror(EUSERS, "more than 1024 processes wait on this eventfd"); break;
-    case RES_FORKED:
+    case NOSLOT: {
+        char msg[160];
+        snprintf(msg, sizeof msg, "too many processes wait on this eventfd: at most %d "
+                 "processes may wait on one eventfd at once", NSLOTS);
+        set_oserror(EUSERS, msg);
+        break;
+    }
+    case FORKED:
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError,
                             "a signal handler forked during this eventfd call: the child does "
                             "not go on with it (the parent's call goes on)");
         break;
-    case RES_CORRUPT:
+    case CORRUPT:
         PyErr_SetString(StateError, "the shared state is out of range: the state file was "
                                     "corrupted by another process");
+        break;
+    case LOCKFAIL:
+        PyErr_Format(StateError, "the eventfd's lock failed with %s (errno %d): the shared "
+                     "page's mutex was damaged by another process", strerror(err), err);
         break;
     }
     return NULL;
@@ -1273,12 +1510,12 @@ static int open_description(Core *c)
         char path[64];
         snprintf(path, sizeof path, "/proc/self/fd/%d", c->fd[1]);
         fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
-        dev = c->pg->pipe_dev;
-        ino = c->pg->pipe_ino;
+        dev = c->pg->h.pipe_dev;
+        ino = c->pg->h.pipe_ino;
     } else {
         fd = open(c->file_path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
-        dev = c->pg->file_dev;
-        ino = c->pg->file_ino;
+        dev = c->pg->h.file_dev;
+        ino = c->pg->h.file_ino;
     }
     if (fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -1302,29 +1539,50 @@ static int open_private(Core *c)
     return c->priv < 0 ? -1 : 0;
 }
 
-/* Validate a header (from pread, or the mapping): range-check every field (I14). */
-static int check_header(const struct page *h, off_t file_size)
+/* Validate a page's head (from pread, or the mapping): range-check every field (I14). */
+static int check_head(struct head *hd, off_t file_size)
 {
+    const struct header *h = &hd->h;
+    struct words *w = &hd->w;
     const char *why = NULL;
     if (file_size != (off_t)PAGE_BYTES)
         why = "the state file has the wrong size";
     else if (h->magic != MAGIC)
-        why = "not an mpeventfd state file (bad magic)";
+        why = "not an mpeventfd state file of this layout (bad magic)";
     else if (h->version != VERSION)
         why = "the state layout is of another version";
     else if (h->size != PAGE_BYTES || h->nslots != NSLOTS)
         why = "the state header records a foreign size or slot count";
-    else if (h->semaphore > 1 || h->nonblock > 1 || h->dirty > 1 || h->armed > 1)
+    else if (h->semaphore > 1 || atomic_load(&w->nonblock) > 1 || atomic_load(&w->dirty) > 1 ||
+             atomic_load(&w->armed) > 1 ||
+             atomic_load(&w->kick) > (KICK_READERS | KICK_WRITERS))
         why = "a state header flag is out of range";
-    else if (h->counter > MAX_VALUE)
+    else if (atomic_load(&w->counter) > MAX_VALUE)
         why = "the state header's counter is out of range";
-    else if (h->hwm > NSLOTS)
+    else if (atomic_load(&w->hwm) > NSLOTS)
         why = "the state header's slot count is out of range";
     else if ((h->mutex_kind != MUTEX_ROBUST && h->mutex_kind != MUTEX_BYTE) ||
              (h->carrier != CARRIER_PIPE && h->carrier != CARRIER_FILE))
         why = "the state header names an unknown lock kind";
     if (why) {
         PyErr_SetString(StateError, why);
+        return -1;
+    }
+    /* A robust mutex is laid out by the C library: glibc's and musl's differ (one's lock
+     * word is the other's type field), and so do pointer widths.  Two processes built
+     * against different ones would each lock the other out for good (a musllinux and a
+     * manylinux wheel can share /dev/shm through --ipc=host, or a shared volume). */
+    if (h->mutex_kind == MUTEX_ROBUST &&
+        (h->libc != LIBC || h->ptr_bits != sizeof(void *) * 8 ||
+         h->mutex_size != sizeof(pthread_mutex_t))) {
+        uint64_t theirs = h->libc < sizeof libc_names / sizeof *libc_names ? h->libc : 0;
+        PyErr_Format(StateError,
+                     "this eventfd's robust mutex was laid out by %s (%llu-bit, a %llu-byte "
+                     "pthread_mutex_t); this process uses %s (%d-bit, %d bytes): only "
+                     "processes of the same C library can share it",
+                     libc_names[theirs], (unsigned long long)h->ptr_bits,
+                     (unsigned long long)h->mutex_size, libc_names[LIBC],
+                     (int)(sizeof(void *) * 8), (int)sizeof(pthread_mutex_t));
         return -1;
     }
     return 0;
@@ -1361,21 +1619,21 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         goto fail;
     }
     c->pg = m;
-    if (check_header(c->pg, st.st_size) != 0)
+    if (check_head((struct head *)c->pg, st.st_size) != 0)
         goto fail;
-    if ((c->pg->carrier == CARRIER_FILE) != (lock_path != NULL)) {
+    if ((c->pg->h.carrier == CARRIER_FILE) != (lock_path != NULL)) {
         PyErr_SetString(StateError, "the lock file and the header disagree");
         goto fail;
     }
 #ifndef HAVE_ROBUST_MUTEX
-    if (c->pg->mutex_kind == MUTEX_ROBUST) {
+    if (c->pg->h.mutex_kind == MUTEX_ROBUST) {
         PyErr_SetString(StateError, "this eventfd uses a robust mutex, which this build lacks");
         goto fail;
     }
 #endif
-    c->semaphore = (int)c->pg->semaphore;
-    c->mutex_kind = (int)c->pg->mutex_kind;
-    c->carrier = (int)c->pg->carrier;
+    c->semaphore = (int)c->pg->h.semaphore;
+    c->mutex_kind = (int)c->pg->h.mutex_kind;
+    c->carrier = (int)c->pg->h.carrier;
     c->poll_waits = poll_waits;
     if (lock_path) {
         if (!(c->file_path = PyMem_RawMalloc(strlen(lock_path) + 1))) {
@@ -1463,7 +1721,7 @@ static double follow_mode(Core *c, double until)
 {
     if (!isnan(until))
         return until;
-    return atomic_load_explicit(&c->pg->nonblock, memory_order_relaxed) ? -1.0 : INFINITY;
+    return atomic_load_explicit(&c->pg->w.nonblock, memory_order_relaxed) ? -1.0 : INFINITY;
 }
 
 /* The value of write(): an int, or anything with __index__ (bool too, as os.eventfd_write). */
@@ -1509,9 +1767,9 @@ static PyObject *core_peek(Core *c, PyObject *unused)
 {
     (void)unused;
     LIVE_OR_RAISE(c);
-    uint64_t v = atomic_load(&c->pg->counter);
+    uint64_t v = atomic_load(&c->pg->w.counter);
     if (v > MAX_VALUE)
-        return raise_result(RES_CORRUPT);
+        return raise_result(CORRUPT, 0);
     return PyLong_FromUnsignedLongLong(v);
 }
 
@@ -1576,29 +1834,30 @@ static PyObject *core_reopen(Core *c, PyObject *unused)
  * this has often just been woken by that holder's pipe byte, which goes in before its
  * commit: the wake-up tends to preempt the holder inside its section.  Sleeping on the lock
  * (or yielding the CPU to its holder, lock_yield) gives the holder its CPU back; returning
- * "busy" would leave the event loop to poll a readable pipe until the scheduler's next tick
- * (4 ms here).  Once a wait has timed out (a stopped holder), later calls of this process
- * try once only until one gets the lock: tasks that each waited 1 ms would stall the loop
- * for as many milliseconds as there are tasks. */
+ * "busy" would leave the event loop to poll a readable pipe until the scheduler's next tick.
+ * Once a wait has timed out (a stopped holder), later calls of this process try once only
+ * until one gets the lock: tasks that each waited 1 ms would stall the loop for as many
+ * milliseconds as there are tasks. */
 static PyObject *core_try_read(Core *c, PyObject *unused)
 {
     (void)unused;
     LIVE_OR_RAISE(c);
     if (c->closed)
         return closed_error();
-    uint64_t got = 0;
     Py_INCREF(c);
-    int r = core_read(c, -1.0, c->stuck ? 0.0 : now() + AIO_PATIENCE, &got);
-    c->stuck = r == RES_BUSY;
+    struct op o = {.c = c, .until = -1.0, .lock_until = c->stuck ? 0.0 : now() + AIO_PATIENCE};
+    int r = core_read(&o);
+    c->stuck = r == BUSY;
     Py_DECREF(c);
-    if (r == RES_BUSY)
+    if (r == BUSY)
         return PyLong_FromLong(0);
-    if (r != RES_OK)
-        return raise_result(r);
-    return PyLong_FromUnsignedLongLong(got);
+    if (r != DONE)
+        return raise_result(r, o.err);
+    return PyLong_FromUnsignedLongLong(o.v);
 }
 
-/* try_write(value): the same for a write: True, False if the lock was busy, or raises. */
+/* try_write(value): the same for a write: True, False if the lock was busy, or raises.
+ * A write that commits lock-free never waits for the lock: its post is kicked (post_rule). */
 static PyObject *core_try_write(Core *c, PyObject *value)
 {
     uint64_t v;
@@ -1608,12 +1867,13 @@ static PyObject *core_try_write(Core *c, PyObject *value)
     if (c->closed)
         return closed_error();
     Py_INCREF(c);
-    int r = core_write(c, v, -1.0, 0.0, 1);
+    struct op o = {.c = c, .v = v, .until = -1.0, .lock_until = 0.0};
+    int r = core_write(&o);
     Py_DECREF(c);
-    if (r == RES_BUSY)
+    if (r == BUSY)
         Py_RETURN_FALSE;
-    if (r != RES_OK)
-        return raise_result(r);
+    if (r != DONE)
+        return raise_result(r, o.err);
     Py_RETURN_TRUE;
 }
 
@@ -1622,10 +1882,11 @@ static PyObject *core_arm_method(Core *c, PyObject *unused)
     (void)unused;
     LIVE_OR_RAISE(c);
     Py_INCREF(c);
-    int r = core_arm(c);
+    struct op o = {.c = c};
+    int r = core_arm(&o);
     Py_DECREF(c);
-    if (r != RES_OK)
-        return raise_result(r);
+    if (r != DONE)
+        return raise_result(r, o.err);
     Py_RETURN_NONE;
 }
 
@@ -1639,21 +1900,23 @@ static PyObject *core_stats(Core *c, PyObject *unused)
     sem_getvalue(c->sem[0], &sv[0]);
     sem_getvalue(c->sem[1], &sv[1]);
 #endif
+    uint64_t wr = wp_load(c, READER), ww = wp_load(c, WRITER);
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsisisi}",
-        "counter", (unsigned long long)atomic_load(&p->counter),
-        "dirty", (unsigned long long)atomic_load(&p->dirty),
-        "armed", (unsigned long long)atomic_load(&p->armed),
-        "waiting_r", (unsigned long long)atomic_load(&p->waiting[READER]),
-        "posted_r", (unsigned long long)atomic_load(&p->posted[READER]),
-        "waiting_w", (unsigned long long)atomic_load(&p->waiting[WRITER]),
-        "posted_w", (unsigned long long)atomic_load(&p->posted[WRITER]),
-        "hwm", (unsigned long long)atomic_load(&p->hwm),
-        "repairs", (unsigned long long)atomic_load(&p->repairs),
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsisisi}",
+        "counter", (unsigned long long)atomic_load(&p->w.counter),
+        "dirty", (unsigned long long)atomic_load(&p->w.dirty),
+        "armed", (unsigned long long)atomic_load(&p->w.armed),
+        "waiting_r", (unsigned long long)W_of(wr), "posted_r", (unsigned long long)P_of(wr),
+        "waiting_w", (unsigned long long)W_of(ww), "posted_w", (unsigned long long)P_of(ww),
+        "kick", (unsigned long long)atomic_load(&p->w.kick),
+        "hwm", (unsigned long long)atomic_load(&p->w.hwm),
+        "repairs", (unsigned long long)atomic_load(&p->w.repairs),
         "abandoned",
         (unsigned long long)(atomic_load(&c->abandoned[0]) + atomic_load(&c->abandoned[1])),
         "woken", (unsigned long long)atomic_load(&woken),
         "woken_busy", (unsigned long long)atomic_load(&woken_busy),
+        "looks", (unsigned long long)atomic_load(&looks),
+        "looks_locked", (unsigned long long)atomic_load(&looks_locked),
         "slot", c->slot, "sem_r", sv[0], "sem_w", sv[1]);
 }
 
@@ -1668,7 +1931,7 @@ static PyObject *core_get_nonblocking(Core *c, void *unused)
 {
     (void)unused;
     LIVE_OR_RAISE(c);
-    return PyBool_FromLong((long)atomic_load(&c->pg->nonblock));
+    return PyBool_FromLong((long)atomic_load(&c->pg->w.nonblock));
 }
 
 static int core_set_nonblocking(Core *c, PyObject *value, void *unused)
@@ -1679,7 +1942,7 @@ static int core_set_nonblocking(Core *c, PyObject *value, void *unused)
         return -1;
     if (c->freed)
         return closed_error(), -1;
-    atomic_store(&c->pg->nonblock, (uint64_t)b); /* one store, seen by every process */
+    atomic_store(&c->pg->w.nonblock, (uint64_t)b); /* one store, seen by every process */
     return 0;
 }
 
@@ -1687,20 +1950,31 @@ static PyObject *core_get_ident(Core *c, void *unused)
 {
     (void)unused;
     LIVE_OR_RAISE(c);
-    return PyBytes_FromStringAndSize((const char *)c->pg->id, 16);
+    return PyBytes_FromStringAndSize((const char *)c->pg->h.id, 16);
 }
 
-static PyObject *core_get_int(Core *c, void *which)
+static PyObject *core_get_closed(Core *c, void *unused)
 {
-    switch ((intptr_t)which) {
-    case 0: return PyBool_FromLong(c->closed);
-    case 1: return PyBool_FromLong(c->freed);
-    case 2: return PyBool_FromLong(c->inflight > 0);
-    case 3: return PyBool_FromLong(c->semaphore);
-    case 4: return Py_BuildValue("(ii)", c->mutex_kind, c->carrier);
-    case 5: return PyBool_FromLong(c->alone);
-    }
-    return NULL;
+    (void)unused;
+    return PyBool_FromLong(c->closed);
+}
+
+static PyObject *core_get_freed(Core *c, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(c->freed);
+}
+
+static PyObject *core_get_semaphore(Core *c, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(c->semaphore);
+}
+
+static PyObject *core_get_alone(Core *c, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(c->alone);
 }
 
 static PyObject *core_get_on_free(Core *c, void *unused)
@@ -1741,13 +2015,11 @@ static PyGetSetDef core_getset[] = {
     {"nonblocking", (getter)core_get_nonblocking, (setter)core_set_nonblocking,
      "The shared blocking mode (O_NONBLOCK of the one description).", NULL},
     {"ident", (getter)core_get_ident, NULL, "The 16-byte id.", NULL},
-    {"closed", (getter)core_get_int, NULL, "close() was called.", (void *)0},
-    {"freed", (getter)core_get_int, NULL, "Every resource is released.", (void *)1},
-    {"busy", (getter)core_get_int, NULL, "Calls are in flight.", (void *)2},
-    {"semaphore", (getter)core_get_int, NULL, "EFD_SEMAPHORE, fixed at creation.", (void *)3},
-    {"kind", (getter)core_get_int, NULL, "(mutex kind, carrier) from the header.", (void *)4},
-    {"alone", (getter)core_get_int, NULL,
-     "Freed with no other process attached: none will liveness-test after us.", (void *)5},
+    {"closed", (getter)core_get_closed, NULL, "close() was called.", NULL},
+    {"freed", (getter)core_get_freed, NULL, "Every resource is released.", NULL},
+    {"semaphore", (getter)core_get_semaphore, NULL, "EFD_SEMAPHORE, fixed at creation.", NULL},
+    {"alone", (getter)core_get_alone, NULL,
+     "Freed with no other process attached: none will liveness-test after us.", NULL},
     {"on_free", (getter)core_get_on_free, (setter)core_set_on_free,
      "Called with the core once close() and the last call in flight have freed it.", NULL},
     {NULL}};
@@ -1822,10 +2094,11 @@ static PyObject *handle_write(Handle *h, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     Py_INCREF(c); /* a close() from another thread must not free the object under the call */
     until = follow_mode(c, until);
-    int r = core_write(c, v, until, until, 1);
+    struct op o = {.c = c, .v = v, .until = until, .lock_until = until};
+    int r = core_write(&o);
     Py_DECREF(c);
-    if (r != RES_OK)
-        return raise_result(r);
+    if (r != DONE)
+        return raise_result(r, o.err);
     Py_RETURN_NONE;
 }
 
@@ -1833,7 +2106,6 @@ static PyObject *handle_read(Handle *h, PyObject *const *args, Py_ssize_t nargs,
 {
     static const char *const names[] = {"timeout"};
     PyObject *timeout = NULL;
-    uint64_t got = 0;
     double until;
     if (parse("read", args, nargs, kw, names, 1, &timeout) != 0 ||
         convert_timeout(timeout, &until) != 0)
@@ -1843,11 +2115,12 @@ static PyObject *handle_read(Handle *h, PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     Py_INCREF(c);
     until = follow_mode(c, until);
-    int r = core_read(c, until, until, &got);
+    struct op o = {.c = c, .until = until, .lock_until = until};
+    int r = core_read(&o);
     Py_DECREF(c);
-    if (r != RES_OK)
-        return raise_result(r);
-    return PyLong_FromUnsignedLongLong(got);
+    if (r != DONE)
+        return raise_result(r, o.err);
+    return PyLong_FromUnsignedLongLong(o.v);
 }
 
 static PyObject *handle_peek(Handle *h, PyObject *unused)
@@ -1863,10 +2136,11 @@ static PyObject *handle_fileno(Handle *h, PyObject *unused)
     if (!c)
         return NULL;
     Py_INCREF(c);
-    int r = core_arm(c), fd = c->fd[1], freed = c->freed;
+    struct op o = {.c = c};
+    int r = core_arm(&o), fd = c->fd[1], freed = c->freed;
     Py_DECREF(c);
-    if (r != RES_OK)
-        return raise_result(r);
+    if (r != DONE)
+        return raise_result(r, o.err);
     if (freed)
         return closed_error();
     return PyLong_FromLong(fd);
@@ -1906,7 +2180,7 @@ static PyMethodDef handle_methods[] = {
      "Raises:\n"
      "    BlockingIOError: the counter is 0 and the call may not wait.\n"
      "    TimeoutError: the timeout expired; nothing was consumed.\n"
-     "    OSError: EBADF if the handle is closed.\n"},
+     "    OSError: EBADF if the handle is closed; EUSERS if 1024 other processes wait.\n"},
     {"write", (PyCFunction)(void (*)(void))handle_write, METH_FASTCALL | METH_KEYWORDS,
      "write(value=1, timeout=None)\n--\n\n"
      "Add value to the counter.\n\n"
@@ -1973,19 +2247,22 @@ static PyObject *mod_init_page(PyObject *mod, PyObject *args)
         PyBuffer_Release(&id);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    memcpy(p->id, id.buf, 16);
+    memcpy(p->h.id, id.buf, 16);
     PyBuffer_Release(&id);
-    p->version = VERSION;
-    p->size = PAGE_BYTES;
-    p->semaphore = (uint64_t)semaphore;
-    p->mutex_kind = (uint64_t)mutex_kind;
-    p->carrier = (uint64_t)carrier;
-    p->creator = (uint64_t)getpid();
-    p->pipe_dev = pipe_dev;
-    p->pipe_ino = pipe_ino;
-    p->nslots = NSLOTS;
-    atomic_store(&p->counter, initval);
-    atomic_store(&p->nonblock, (uint64_t)nonblock);
+    p->h.version = VERSION;
+    p->h.size = PAGE_BYTES;
+    p->h.semaphore = (uint64_t)semaphore;
+    p->h.mutex_kind = (uint64_t)mutex_kind;
+    p->h.carrier = (uint64_t)carrier;
+    p->h.creator = (uint64_t)getpid();
+    p->h.pipe_dev = pipe_dev;
+    p->h.pipe_ino = pipe_ino;
+    p->h.nslots = NSLOTS;
+    p->h.libc = LIBC;
+    p->h.ptr_bits = sizeof(void *) * 8;
+    p->h.mutex_size = sizeof(pthread_mutex_t);
+    atomic_store(&p->w.counter, initval);
+    atomic_store(&p->w.nonblock, (uint64_t)nonblock);
     if (mutex_kind == MUTEX_ROBUST) {
 #ifdef HAVE_ROBUST_MUTEX
         pthread_mutexattr_t a;
@@ -2001,7 +2278,7 @@ static PyObject *mod_init_page(PyObject *mod, PyObject *args)
 #endif
     }
     if (!err)
-        atomic_store_explicit((_Atomic uint64_t *)&p->magic, MAGIC, memory_order_release);
+        atomic_store_explicit((_Atomic uint64_t *)&p->h.magic, MAGIC, memory_order_release);
     munmap(p, PAGE_BYTES);
     if (err) {
         errno = err;
@@ -2019,40 +2296,44 @@ static PyObject *mod_set_identity(PyObject *mod, PyObject *args)
     uint64_t w[4];
     if (!PyArg_ParseTuple(args, "iKKKK", &fd, &w[0], &w[1], &w[2], &w[3]))
         return NULL;
-    if (pwrite(fd, w, 16, offsetof(struct page, sem_ino)) != 16 ||
-        pwrite(fd, w + 2, 16, offsetof(struct page, file_dev)) != 16)
+    if (pwrite(fd, w, 16, offsetof(struct header, sem_ino)) != 16 ||
+        pwrite(fd, w + 2, 16, offsetof(struct header, file_dev)) != 16)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
 
-/* read_header(fd) -> dict: a state file's header read by pread and validated (attach). */
+/* read_header(fd) -> dict: a state file's head read by pread and validated (attach).  Only
+ * the head is read, onto the stack: the whole page (33 KB) would not fit a small thread
+ * stack (threading.stack_size(32768)). */
 static PyObject *mod_read_header(PyObject *mod, PyObject *arg)
 {
     (void)mod;
     long fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
-    struct page h;
+    struct head hd;
     struct stat st;
-    ssize_t n, want = (ssize_t)offsetof(struct page, pad1);
+    ssize_t n, want = (ssize_t)sizeof hd;
     Py_BEGIN_ALLOW_THREADS
-    n = fstat((int)fd, &st) == 0 ? pread((int)fd, &h, (size_t)want, 0) : -1;
+    n = fstat((int)fd, &st) == 0 ? pread((int)fd, &hd, (size_t)want, 0) : -1;
     Py_END_ALLOW_THREADS
     if (n < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     if (n != want)
         return PyErr_Format(StateError, "the state file is too short");
-    if (check_header(&h, st.st_size) != 0)
+    if (check_head(&hd, st.st_size) != 0)
         return NULL;
+    const struct header *h = &hd.h;
     return Py_BuildValue(
-        "{sy#sKsisisisisKsKsKsKsKsK}", "id", (const char *)h.id, (Py_ssize_t)16,
-        "counter", (unsigned long long)h.counter, "nonblock", (int)h.nonblock,
-        "semaphore", (int)h.semaphore, "mutex_kind", (int)h.mutex_kind,
-        "carrier", (int)h.carrier, "pipe_dev", (unsigned long long)h.pipe_dev,
-        "pipe_ino", (unsigned long long)h.pipe_ino,
-        "sem_r_ino", (unsigned long long)h.sem_ino[0],
-        "sem_w_ino", (unsigned long long)h.sem_ino[1],
-        "file_dev", (unsigned long long)h.file_dev, "file_ino", (unsigned long long)h.file_ino);
+        "{sy#sKsisisisisKsKsKsKsKsK}", "id", (const char *)h->id, (Py_ssize_t)16,
+        "counter", (unsigned long long)atomic_load(&hd.w.counter),
+        "nonblock", (int)atomic_load(&hd.w.nonblock),
+        "semaphore", (int)h->semaphore, "mutex_kind", (int)h->mutex_kind,
+        "carrier", (int)h->carrier, "pipe_dev", (unsigned long long)h->pipe_dev,
+        "pipe_ino", (unsigned long long)h->pipe_ino,
+        "sem_r_ino", (unsigned long long)h->sem_ino[0],
+        "sem_w_ino", (unsigned long long)h->sem_ino[1],
+        "file_dev", (unsigned long long)h->file_dev, "file_ino", (unsigned long long)h->file_ino);
 }
 
 /* _arm(step, action, arg, nth) / _disarm(): fault injection, for the test suite only. */
@@ -2080,17 +2361,18 @@ static PyObject *mod_arm(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* _spin(seconds): how long a blocking normal-mode read watches the counter (bench, tests). */
+/* _spin(seconds): how long a blocking normal-mode read watches the counter (bench, tests).
+ * Atomic: a slow path reads it without the GIL. */
 static PyObject *mod_spin(PyObject *mod, PyObject *arg)
 {
     (void)mod;
-    double old = spin_seconds, t = PyFloat_AsDouble(arg);
+    double t = PyFloat_AsDouble(arg);
     if (t == -1.0 && PyErr_Occurred())
         return NULL;
     if (!(t >= 0 && t <= 0.01))
         return PyErr_Format(PyExc_ValueError, "spin must be within 0..10 ms");
-    spin_seconds = t;
-    return PyFloat_FromDouble(old);
+    int64_t old = atomic_exchange(&spin_ns, (int64_t)(t * 1e9 + 0.5));
+    return PyFloat_FromDouble((double)old * 1e-9);
 }
 
 static PyObject *mod_disarm(PyObject *mod, PyObject *unused)
@@ -2143,7 +2425,7 @@ PyMODINIT_FUNC PyInit__core(void)
     if (sched_getaffinity(0, sizeof set, &set) == 0)
         cpus = CPU_COUNT(&set);
 #endif
-    spin_seconds = cpus > 1 ? SPIN_READ : 0.0;
+    atomic_store(&spin_ns, cpus > 1 ? (int64_t)(SPIN_READ * 1e9) : 0);
     lock_cpus = (int)cpus;
     if (pthread_atfork(NULL, NULL, after_fork_child) != 0)
         return PyErr_Format(PyExc_RuntimeError, "pthread_atfork failed");
@@ -2157,17 +2439,25 @@ PyMODINIT_FUNC PyInit__core(void)
         {"SIZE", (long long)PAGE_BYTES}, {"NSLOTS", NSLOTS},
         {"MUTEX_ROBUST", MUTEX_ROBUST}, {"MUTEX_BYTE", MUTEX_BYTE},
         {"CARRIER_PIPE", CARRIER_PIPE}, {"CARRIER_FILE", CARRIER_FILE},
-        {"OFFSET_COUNTER", offsetof(struct page, counter)},
-        {"OFFSET_NONBLOCK", offsetof(struct page, nonblock)},
-        {"OFFSET_DIRTY", offsetof(struct page, dirty)},
-        {"OFFSET_ARMED", offsetof(struct page, armed)},
-        {"OFFSET_HWM", offsetof(struct page, hwm)},
-        {"OFFSET_SEMAPHORE", offsetof(struct page, semaphore)},
-        {"OFFSET_MUTEX_KIND", offsetof(struct page, mutex_kind)},
-        {"OFFSET_CARRIER", offsetof(struct page, carrier)},
-        {"OFFSET_VERSION", offsetof(struct page, version)},
-        {"OFFSET_MAGIC", offsetof(struct page, magic)},
-        {"OFFSET_NSLOTS", offsetof(struct page, nslots)},
+        {"OFFSET_COUNTER", offsetof(struct page, w.counter)},
+        {"OFFSET_NONBLOCK", offsetof(struct page, w.nonblock)},
+        {"OFFSET_DIRTY", offsetof(struct page, w.dirty)},
+        {"OFFSET_ARMED", offsetof(struct page, w.armed)},
+        {"OFFSET_HWM", offsetof(struct page, w.hwm)},
+        {"OFFSET_KICK", offsetof(struct page, w.kick)},
+        {"OFFSET_WP_R", offsetof(struct page, w.wp[READER])},
+        {"OFFSET_WP_W", offsetof(struct page, w.wp[WRITER])},
+        {"OFFSET_SEMAPHORE", offsetof(struct page, h.semaphore)},
+        {"OFFSET_MUTEX_KIND", offsetof(struct page, h.mutex_kind)},
+        {"OFFSET_CARRIER", offsetof(struct page, h.carrier)},
+        {"OFFSET_VERSION", offsetof(struct page, h.version)},
+        {"OFFSET_MAGIC", offsetof(struct page, h.magic)},
+        {"OFFSET_NSLOTS", offsetof(struct page, h.nslots)},
+        {"OFFSET_LIBC", offsetof(struct page, h.libc)},
+        {"OFFSET_PTR_BITS", offsetof(struct page, h.ptr_bits)},
+        {"OFFSET_MUTEX_SIZE", offsetof(struct page, h.mutex_size)},
+        {"OFFSET_MUTEX", offsetof(struct page, mutex)},
+        {"LIBC", LIBC},
 #ifdef HAVE_ROBUST_MUTEX
         {"HAVE_ROBUST_MUTEX", 1},
 #else

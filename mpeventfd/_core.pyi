@@ -25,6 +25,14 @@ OFFSET_CARRIER: int
 OFFSET_VERSION: int
 OFFSET_MAGIC: int
 OFFSET_NSLOTS: int
+OFFSET_KICK: int
+OFFSET_WP_R: int
+OFFSET_WP_W: int
+OFFSET_LIBC: int
+OFFSET_PTR_BITS: int
+OFFSET_MUTEX_SIZE: int
+OFFSET_MUTEX: int
+LIBC: int
 
 class Core:
     """One eventfd as attached in this process."""
@@ -53,11 +61,7 @@ class Core:
     @property
     def freed(self) -> bool: ...
     @property
-    def busy(self) -> bool: ...
-    @property
     def semaphore(self) -> bool: ...
-    @property
-    def kind(self) -> tuple[int, int]: ...
     @property
     def alone(self) -> bool: ...
     on_free: Callable[[Core], None] | None
