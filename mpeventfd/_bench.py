@@ -312,6 +312,63 @@ def safety(reps: int, n: int) -> Result:
     return res
 
 
+SCALE_N = (8, 64, 256)  # + 1,024 outside --quick
+IDLE_TARGET = {8: 0.02, 64: 0.02, 256: 0.02, 1024: 0.05}  # cores
+_quick = False  # set by run(): P9 leaves out 1,024 waiters in a quick run
+
+
+def p9(reps: int, n: int) -> Result:
+    """N processes blocked in semaphore-mode read() in their main threads (Linux: /proc).
+
+    One row per N and figure, each judged on its own: the CPU the idle waiters burn (an
+    absolute target), the hand-off p99 against os.eventfd's at the same N, and the CPU per
+    token (against 0.1x os.eventfd's at N = 256; the kernel wakes every reader per token).
+    """
+    res = Result("P9", "N processes blocked in read(), 1 token at a time", "µs", "see rows")
+    if not HAS_EVENTFD or not os.path.isdir("/proc/self"):
+        res.verdict, res.note = "SKIP", "needs os.eventfd and /proc (Linux)"
+        return res
+    kinds = ["mpeventfd", "os.eventfd"]
+    for waiters in SCALE_N + (() if _quick else (1024,)):
+        idle: dict[str, list[float]] = {k: [] for k in kinds}
+        p50: dict[str, list[float]] = {k: [] for k in kinds}
+        p99: dict[str, list[float]] = {k: [] for k in kinds}
+        cpu: dict[str, list[float]] = {k: [] for k in kinds}
+        for rep in range(reps):
+            for kind in kinds if rep % 2 == 0 else kinds[::-1]:
+                cores, latencies, per_token = work.scale(kind, waiters, n)
+                q = statistics.quantiles(latencies, n=100)
+                idle[kind].append(cores)
+                p50[kind].append(q[49])
+                p99[kind].append(q[98])
+                cpu[kind].append(per_token)
+            _progress.tick()
+        limit = IDLE_TARGET[waiters]
+        row = Result(f"P9 idle N={waiters}", f"{waiters} idle waiters' CPU", "cores",
+                     f"<= {limit} cores", samples=idle, limit=limit)
+        row.ratio = row.values["mpeventfd"] / limit  # (of the target: plotted as such)
+        row.per_rep = [x / limit for x in idle["mpeventfd"]]
+        row.verdict = "PASS" if row.values["mpeventfd"] <= limit else "MISS"
+        row.note = f"{row.values['mpeventfd']:.4f} cores; os.eventfd {row.values['os.eventfd']:.4f}"
+        tail = _judge(Result(f"P9 p99 N={waiters}", f"{waiters} waiters: hand-off p99",
+                             "µs p99", "<= 1.0x", samples=p99), 1.0)
+        m50, k50 = statistics.median(p50["mpeventfd"]), statistics.median(p50["os.eventfd"])
+        tail.note = f"p50 {m50 * 1e6:.0f} vs {k50 * 1e6:.0f} µs"
+        per = Result(f"P9 CPU N={waiters}", f"{waiters} waiters: CPU per token", "µs/token",
+                     "<= 0.1x" if waiters == 256 else "(reported)", samples=cpu)
+        if waiters == 256:
+            per = _judge(per, 0.1)
+        else:
+            per.ratio = per.ratio_of("mpeventfd", "os.eventfd")
+            per.per_rep = per.ratios("mpeventfd", "os.eventfd")
+            per.verdict = "INFO"
+        res.tail += [row, tail, per]
+    missed = [t.id for t in res.tail if t.verdict == "MISS"]
+    res.verdict = "MISS" if missed else "PASS"
+    res.note = f"missed: {', '.join(missed)}" if missed else "every row met"
+    return res
+
+
 SPINS = (0.0, 10e-6, 25e-6, 50e-6)
 
 
@@ -334,7 +391,7 @@ def spin(reps: int, n: int) -> Result:
 
 WORKLOADS: dict[str, Callable[[int, int], Result]] = {
     "P1": p1, "P2": p2, "P2A": p2_armed, "P3": p3, "P4": p4, "P5": p5, "P6": p6,
-    "P6U": p6_uvloop, "P7": p7, "P8": p8, "C": safety, "S": spin,
+    "P6U": p6_uvloop, "P7": p7, "P8": p8, "P9": p9, "C": safety, "S": spin,
 }
 # (repetitions, work per repetition) for a full run and for --quick.  The single-process
 # workloads take many short repetitions (see the module docstring).  P5's repetitions are
@@ -348,6 +405,7 @@ SIZES: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "P5": ((7, 1_000_000), (3, 100_000)),
     "P6": ((7, 2_000), (3, 300)), "P7": ((41, 8_000), (15, 2_000)), "P8": ((1, 1), (1, 1)),
     "C": ((41, 15_000), (15, 4_000)), "P6U": ((7, 2_000), (3, 300)), "S": ((5, 300), (2, 50)),
+    "P9": ((3, 300), (1, 100)),  # (repetitions per N, tokens per repetition)
 }
 
 
@@ -355,7 +413,7 @@ TITLES = {
     "P1": "write(1), counter > 0", "P2": "write+read pair, not armed", "P2A": "armed pair",
     "P3": "ping-pong", "P4": "8 blocked semaphore readers", "P5": "fan-in of 4 producers",
     "P6": "asyncio latency", "P6U": "uvloop latency", "P7": "64 attached processes",
-    "P8": "footprint", "C": "lock kinds", "S": "read spin",
+    "P8": "footprint", "P9": "many blocked readers", "C": "lock kinds", "S": "read spin",
 }
 PLOT_HELP = ("--plot needs matplotlib: in a checkout of mpeventfd, pip install -e '.[plot]'; "
              "for an installed mpeventfd, pip install 'mpeventfd[plot]'")
@@ -372,6 +430,8 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     if plot_path and importlib.util.find_spec("matplotlib") is None:
         print(PLOT_HELP, file=sys.stderr)
         return 2
+    global _quick
+    _quick = quick
     machine = _machine()
     print(f"mpeventfd bench ({'quick' if quick else 'full'}) on {machine['summary']}")
     results = []
@@ -394,7 +454,11 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
 
 
 def _fmt(value: float, unit: str) -> str:
-    return f"{value:,.0f}" if unit.startswith("fds") else f"{value * 1e6:.2f}"
+    if unit.startswith("fds"):
+        return f"{value:,.0f}"
+    if unit == "cores":
+        return f"{value:.4f}"
+    return f"{value * 1e6:.2f}"
 
 
 def _ratio_text(res: Result) -> str:
@@ -402,6 +466,8 @@ def _ratio_text(res: Result) -> str:
         return "-"
     if res.higher_is_better:
         return f"{1 / res.ratio:.2f}x thr"
+    if res.unit == "cores":
+        return f"{res.ratio:.2f}x target"
     return f"{res.ratio:.2f}x"
 
 
@@ -410,6 +476,8 @@ def _print_line(res: Result) -> None:
     print(f"  {res.id}: {res.title}; {cells} {res.unit} ({res.statistic}); "
           f"ratio {_ratio_text(res)} (target {res.target}) {res.verdict} {res.note}".rstrip(),
           flush=True)
+    for row in res.tail if res.id == "P9" else ():
+        _print_line(row)
 
 
 def _print_table(results: list[Result], machine: dict[str, Any]) -> None:
@@ -417,7 +485,7 @@ def _print_table(results: list[Result], machine: dict[str, Any]) -> None:
     head = ("id", "workload", "statistic", "mpeventfd", "os.eventfd", "os.pipe", "ratio",
             "target", "verdict")
     rows = []
-    for r in results:
+    for r in (x for res in results for x in ((res, *res.tail) if res.id == "P9" else (res,))):
         get = r.values.get
         cells = [_fmt(v, r.unit) if v is not None else "-"
                  for v in (get("mpeventfd"), get("os.eventfd"), get("os.pipe"))]
@@ -475,16 +543,20 @@ def _plot(results: list[Result], path: str, machine: dict[str, Any]) -> None:
 
         dots = [flip(x) for x in r.per_rep]
         value, target = flip(r.ratio or 1.0), flip(r.limit or 1.0)
+        if r.unit == "cores":  # an absolute target: drawn as the fraction of it
+            target = 1.0
         color = "tab:green" if r.verdict == "PASS" else "tab:red"
         ax.scatter(dots, [y] * len(dots), s=12, color=color, alpha=0.45, zorder=2)
         ax.scatter([value], [y], s=90, marker="D", color=color, zorder=3)
         ax.scatter([target], [y], s=160, marker="|", color="black", zorder=4)
     ax.set_yticks(range(len(shown)))
-    ax.set_yticklabels([f"{r.id} {'throughput' if r.higher_is_better else 'time'}"
+    ax.set_yticklabels([r.id if r.id.startswith("P9") else
+                        f"{r.id} {'throughput' if r.higher_is_better else 'time'}"
                         .replace("p99 time", "p99") for r in reversed(shown)])
     ax.set_xscale("log")
     ax.axvline(1.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("mpeventfd / os.eventfd (throughput: higher is better; else lower)")
+    ax.set_xlabel("mpeventfd / os.eventfd (throughput: higher is better; else lower;\n"
+                  "P9 idle: mpeventfd's cores / the target)")
     ax.set_title("mpeventfd against os.eventfd: value (diamond), each repetition (dots),\n"
                  "target (bar); green: target met", fontsize=9)
     fig.text(0.01, 0.01, machine["summary"], fontsize=6, color="grey")

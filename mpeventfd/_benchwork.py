@@ -11,6 +11,7 @@ import asyncio
 import mmap
 import multiprocessing
 import os
+import select
 import statistics
 import struct
 import time
@@ -520,3 +521,89 @@ def pingpong_with_spin(spin: float, n: int) -> Timer:
         finally:
             _core._spin(old)
     return run
+
+
+# -- P9: many processes blocked in read() ---------------------------------------------------
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _cpu_of(pids: list[int]) -> float:
+    return sum(_cpu_ns(pid) for pid in pids) / 1e9
+
+
+def scale(kind: str, waiters: int, tokens: int, idle: float = 1.0,
+          interval: float = 0.002) -> tuple[float, list[float], float]:
+    """``waiters`` processes blocked in semaphore-mode ``read()`` in their main threads.
+
+    Returns (the cores they burn while nothing happens, measured over ``idle`` seconds; the
+    hand-off latency of each of ``tokens`` tokens, from the parent's write to a reader's
+    return; their CPU seconds per token).  The parent hands out one token every
+    ``interval`` seconds and waits for each to be taken before the next, so every latency
+    is one hand-off's.  Linux only (``/proc``).
+    """
+    stop = mmap.mmap(-1, 8)
+    ack_r, ack_w = os.pipe()
+    if kind == "mpeventfd":
+        efd = EventFD(0, EFD_SEMAPHORE)
+        take: Callable[[], object] = efd.read
+        give: Callable[[int], None] = efd.write
+        close: Callable[[], None] = efd.close
+    else:
+        fd = os.eventfd(0, os.EFD_SEMAPHORE)
+        take = lambda: os.eventfd_read(fd)  # noqa: E731
+        give = lambda v: os.eventfd_write(fd, v)  # noqa: E731
+        close = lambda: os.close(fd)  # noqa: E731
+
+    def waiter() -> None:
+        while True:
+            take()
+            t = time.monotonic_ns()
+            if stop[0]:
+                return
+            os.write(ack_w, _STAMP.pack(t))
+
+    pids: list[int] = []
+    try:
+        pids = [_child(waiter) for _ in range(waiters)]
+        deadline = time.monotonic() + 60 + waiters / 10
+        # Asleep in read(), every one (and registered, for mpeventfd): none may still be
+        # starting up, or faulting in pages, beside the measurement.
+        while not (all(_state(pid) == "S" for pid in pids) and (
+                kind != "mpeventfd" or efd._core is None
+                or efd._core.stats()["waiting_r"] == waiters)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{waiters} waiters did not all block in read()")
+            time.sleep(0.01)
+        time.sleep(0.2)  # (one more step of the main threads' wake-ups before measuring)
+        cpu0, t0 = _cpu_of(pids), time.monotonic()
+        time.sleep(idle)
+        cores = (_cpu_of(pids) - cpu0) / (time.monotonic() - t0)
+        latencies = []
+        cpu0 = _cpu_of(pids)
+        tick = time.monotonic()
+        for _ in range(tokens):
+            sent = time.monotonic_ns()
+            give(1)
+            if not select.select([ack_r], [], [], 10)[0]:
+                raise RuntimeError("a token was not taken within 10 s")
+            latencies.append((_STAMP.unpack(os.read(ack_r, 8))[0] - sent) / 1e9)
+            tick += interval
+            pause = tick - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        per_token = (_cpu_of(pids) - cpu0) / tokens
+    finally:
+        stop[0] = 1
+        if pids:
+            give(len(pids))
+        for pid in pids:
+            _reap(pid)
+        close()
+        os.close(ack_r)
+        os.close(ack_w)
+        stop.close()
+    return cores, latencies, per_token

@@ -62,3 +62,23 @@ def test_quick_bench_reports_every_chosen_workload(tmp_path: Path) -> None:
     assert results["P8"]["values"]["fds that travel"] == 3
     for wid in ("P2", "P7", "C"):
         assert f"  {wid}: " in done.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the baselines need os.eventfd")
+def test_p9_judges_every_row_of_every_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    """P9 runs both kinds at each N and reports idle CPU, hand-off p99 and CPU per token,
+    each with its own verdict (a small N here: the row's arithmetic, not its figures)."""
+    from mpeventfd import _bench
+
+    monkeypatch.setattr(_bench, "SCALE_N", (4,))
+    monkeypatch.setattr(_bench, "IDLE_TARGET", {4: 0.02})
+    monkeypatch.setattr(_bench, "_quick", True)
+    res = _bench.p9(2, 20)
+    assert [r.id for r in res.tail] == ["P9 idle N=4", "P9 p99 N=4", "P9 CPU N=4"]
+    idle, p99, cpu = res.tail
+    assert all(len(s) == 2 for r in res.tail for s in r.samples.values())
+    assert idle.unit == "cores"
+    assert idle.verdict == ("PASS" if idle.values["mpeventfd"] <= 0.02 else "MISS")
+    assert p99.ratio == pytest.approx(p99.ratio_of("mpeventfd", "os.eventfd"))
+    assert cpu.verdict == "INFO"
+    assert res.verdict == ("MISS" if "MISS" in (idle.verdict, p99.verdict) else "PASS")
