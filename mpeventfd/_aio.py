@@ -99,10 +99,11 @@ def cancelled(reg: _Readable, fut: asyncio.Future[None]) -> None:
 
 
 def reset_after_fork() -> None:
-    """Fork child: event loops do not survive a fork, nor may a lock held by a parent thread."""
-    global _guard
+    """Fork child: event loops do not survive a fork, nor may a lock held by a parent thread
+    (without the GIL, nor the dict's own: a fresh one, rather than clearing the old)."""
+    global _guard, _REGISTERED
     _guard = threading.RLock()
-    _REGISTERED.clear()
+    _REGISTERED = {}
 
 
 def wake_all(fd: int) -> None:

@@ -47,6 +47,16 @@
 #include <time.h>
 #include <unistd.h>
 
+/* What older CPythons (3.11, 3.12) lack. */
+#if PY_VERSION_HEX < 0x030D0000
+static int PyModule_Add(PyObject *m, const char *name, PyObject *value)
+{
+    int r = value ? PyModule_AddObjectRef(m, name, value) : -1;
+    Py_XDECREF(value);
+    return r;
+}
+#endif
+
 /* Shared memory between processes needs atomics that never fall back to a process-local lock. */
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free");
 _Static_assert(sizeof(unsigned long long) == 8, "64-bit words");
@@ -211,14 +221,15 @@ static uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 enum { STEP_NONE = -1, STEPS(AS_ENUM) NSTEPS };
 static const char *const step_names[] = {STEPS(AS_NAME)};
 enum { ACT_KILL, ACT_STOP, ACT_EXIT, ACT_SIGNAL, ACT_BLOCK };
-static int fault_step = STEP_NONE, fault_action, fault_arg;
-static long fault_countdown;
+static _Atomic int fault_step = STEP_NONE; /* (a test arms it before the calls it hits) */
+static int fault_action, fault_arg;
+static _Atomic long fault_countdown;
 
 static void fault_hit(int step)
 {
-    if (step != fault_step || --fault_countdown > 0)
+    if (step != atomic_load(&fault_step) || atomic_fetch_sub(&fault_countdown, 1) > 1)
         return;
-    fault_step = STEP_NONE;
+    atomic_store(&fault_step, STEP_NONE);
     switch (fault_action) {
     case ACT_KILL: kill(getpid(), SIGKILL); break;
     case ACT_STOP: kill(getpid(), SIGSTOP); break;
@@ -239,19 +250,38 @@ static void fault_hit(int step)
     }
     }
 }
-#define STEP(name) do { if (__builtin_expect(fault_step != STEP_NONE, 0)) fault_hit(STEP_##name); } while (0)
+#define STEP(name) do { \
+    if (__builtin_expect(atomic_load_explicit(&fault_step, memory_order_relaxed) != STEP_NONE, 0)) \
+        fault_hit(STEP_##name); \
+} while (0)
 
-/* -- process-wide state ------------------------------------------------------------------- */
+/* -- process-wide state -------------------------------------------------------------------
+ *
+ * One process, one interpreter: fork generations, the list of live cores the fork child
+ * walks, and the statistics are the process's.  The module refuses to be imported into a
+ * sub-interpreter (Py_mod_multiple_interpreters), and it runs without the GIL: every word
+ * here that threads share is an atomic or under a lock, and a core's own state too (Core). */
 
-static PyObject *StateError;         /* mpeventfd.StateError */
-static unsigned long main_ident;     /* the thread that runs Python's signal handlers */
+static _Atomic unsigned long main_ident; /* the thread that runs Python's signal handlers */
 static _Atomic unsigned long fork_gen; /* bumped in every fork child */
 static _Atomic uint64_t woken;         /* posts consumed by this process (tests, stats) */
 static _Atomic uint64_t woken_busy;    /* ... after which the lock was still held */
 static _Atomic uint64_t looks;         /* expired wait steps that looked (stats) */
 static _Atomic uint64_t looks_locked;  /* ... and then took the lock (stats) */
 static _Atomic int64_t spin_ns;        /* the read spin, in ns (0: none) */
-static int lock_cpus = 1;              /* CPUs we may run on: no spinning on one */
+static int lock_cpus = 1;              /* CPUs we may run on, set at import: no spinning on one */
+
+/* Calls in flight on a core: with the GIL a plain count, which only the GIL holder changes;
+ * free-threaded an atomic one (enter_call has the ordering argument). */
+#ifdef Py_GIL_DISABLED
+typedef _Atomic int flight_t;
+#define FLIGHT_ADD(x, d) (atomic_fetch_add(&(x), (d)) + (d))
+#define FLIGHT_LOAD(x) atomic_load(&(x))
+#else
+typedef int flight_t;
+#define FLIGHT_ADD(x, d) ((x) += (d))
+#define FLIGHT_LOAD(x) (x)
+#endif
 
 typedef struct Core Core;
 struct Core {
@@ -264,21 +294,21 @@ struct Core {
     int semaphore;         /* header.semaphore, cached */
     int mutex_kind, carrier;
     int poll_waits;        /* no timed semaphore wait here: trywait with a back-off */
-    int slot;              /* our slot, -1 until we first wait */
-    unsigned long gen;     /* the fork generation priv, slot and local belong to */
+    int slot;              /* our slot, -1 until we first wait (changed under the page's lock) */
+    _Atomic unsigned long gen; /* the fork generation priv, slot and local belong to */
     _Atomic uint64_t abandoned[2]; /* registrations left without the lock, settled later */
     pthread_mutex_t local; /* MUTEX_BYTE: a byte lock cannot tell threads apart */
-    /* Fields below are changed only with the GIL held (the free-threaded build will need a
-     * lock of their own here). */
-    int inflight;          /* calls between Py_BEGIN/END_ALLOW_THREADS */
-    int stuck;             /* try_read's last wait for the lock timed out (core_try_read) */
-    int closed, freed;
+    flight_t inflight;     /* calls in flight (enter_call .. leave_call) */
+    _Atomic int closed, freed; /* close() was called; every resource is released */
+    _Atomic int stuck;     /* try_read's last wait for the lock timed out (core_try_read) */
+    pthread_mutex_t state; /* close, reopen, free and a fork child's ensure_own, one at a time */
     int alone;             /* at free: no other attached process was left */
     PyObject *on_free;     /* called once resources are freed after close() */
     char *file_path;       /* CARRIER_FILE: the lock file */
-    Core *next, *prev;     /* every live core, for the fork child */
+    Core *next, *prev;     /* every live core, for the fork child (cores_lock) */
 };
-static Core all_cores; /* list head (GIL) */
+static Core all_cores; /* list head */
+static pthread_mutex_t cores_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* -- small helpers ------------------------------------------------------------------------ */
 
@@ -314,7 +344,10 @@ static void nap(double seconds)
     nanosleep(&ts, NULL); /* an EINTR ends it early: the caller re-checks */
 }
 
-static int is_main_thread(void) { return PyThread_get_thread_ident() == main_ident; }
+static int is_main_thread(void)
+{
+    return PyThread_get_thread_ident() == atomic_load_explicit(&main_ident, memory_order_relaxed);
+}
 
 /* Raise OSError(code, message): Python picks the subclass (BlockingIOError, TimeoutError). */
 static void set_oserror(int code, const char *detail)
@@ -435,12 +468,13 @@ static void pipe_match(Core *c)
  *            and min(1, W) otherwise (c > 0);
  *   writers: when room grew (a read in this section, a kick, a repair), post until P covers
  *            every registered writer: their sizes differ, each re-checks its own.
- * Posts are accounted under the lock and made right after the unlock (pay): a reader woken
- * while the lock is still held would only sleep again, on the lock.
+ * Posts are accounted under the lock (account_posts) and made right after the unlock
+ * (make_posts): a reader woken while the lock is still held would sleep again, on the lock.
  *
  * A waiter, after its wait step: consumed a post -> W - 1, P - 1 (under the lock); its step
  * expired -> it looks (look): if it cannot proceed it sleeps again with nothing taken; if it
- * can (a death left its post unmade, or its registration is a phantom), it takes the lock:
+ * can (a death left its post unmade, or a dead waiter's consumed post is still counted),
+ * it takes the lock:
  * W - 1, and if then P > W, P - 1 and one sem_trywait (a post that came as the step ended is
  * absorbed; one that a dead poster never made leaves the count all the same).  Every doubt
  * errs towards a stray post, never a missing one (I6).
@@ -494,8 +528,8 @@ static uint64_t readers_ready(Core *c, uint64_t cnt, uint64_t w)
     return c->semaphore ? min64(cnt, w) : 1;
 }
 
-/* Account n more posts now; they are made after the unlock (pay). */
-static void owe(Core *c, int cls, uint64_t wp, uint64_t n)
+/* Account n more posts now; they are made after the unlock (make_posts). */
+static void account_posts(Core *c, int cls, uint64_t wp, uint64_t n)
 {
     n = min64(n, POST_BOUND); /* (a scribbled count cannot loop for ever) */
     wp_store(c, cls, W_of(wp), P_of(wp) + n);
@@ -511,17 +545,17 @@ static void post_rule(Core *c, uint64_t wants)
     uint64_t wp = wp_load(c, READER);
     uint64_t ready = readers_ready(c, atomic_load(&p->w.counter), W_of(wp));
     if (P_of(wp) < ready)
-        owe(c, READER, wp, ready - P_of(wp));
+        account_posts(c, READER, wp, ready - P_of(wp));
     if (wants & KICK_WRITERS) {
         wp = wp_load(c, WRITER);
         if (P_of(wp) < W_of(wp))
-            owe(c, WRITER, wp, W_of(wp) - P_of(wp));
+            account_posts(c, WRITER, wp, W_of(wp) - P_of(wp));
     }
 }
 
 /* After the unlock: the posts accounted under the lock.  A death before they are made
  * loses them; the waiters' looks find out. */
-static void pay(Core *c)
+static void make_posts(Core *c)
 {
     for (int cls = READER; cls <= WRITER; cls++)
         for (; owed[cls]; owed[cls]--)
@@ -799,10 +833,12 @@ static int lock_yield(struct op *o, double stop)
     return r;
 }
 
-/* Wait for a pthread mutex until `stop` (monotonic); 0 or an errno. */
+/* Wait for a pthread mutex until `stop` (monotonic); 0 or an errno.  (ThreadSanitizer
+ * builds take timedlock: gcc 12's ThreadSanitizer does not intercept clocklock, and would
+ * report the unlock that follows as the unlock of an unlocked mutex.) */
 static int mutex_until(pthread_mutex_t *m, double stop)
 {
-#if defined(HAVE_MUTEX_CLOCKLOCK)
+#if defined(HAVE_MUTEX_CLOCKLOCK) && !defined(__SANITIZE_THREAD__)
     struct timespec ts = monotonic_ts(stop);
     return pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
 #elif defined(HAVE_MUTEX_TIMEDLOCK)
@@ -859,9 +895,9 @@ static void unlock(Core *c)
     }
 }
 
-/* Just taken: repair what a dead holder left, then mark a robust mutex consistent
+/* The lock was just taken: repair what a dead holder left, then mark a robust mutex consistent
  * (unlocking without that would make it ENOTRECOVERABLE for good). */
-static void taken(struct op *o)
+static void after_taking(struct op *o)
 {
     Core *c = o->c;
     STEP(LOCK_TAKEN);
@@ -879,7 +915,7 @@ static int enter_try(struct op *o)
 {
     int r = lock_try(o);
     if (r == DONE)
-        taken(o);
+        after_taking(o);
     return r;
 }
 
@@ -1044,7 +1080,7 @@ static void leave(struct op *o)
     for (int round = 0;; round++) {
         unlock(c);
         STEP(LOCK_UNLOCKED);
-        pay(c);
+        make_posts(c);
         atomic_thread_fence(memory_order_seq_cst);
         if (round == KICK_ROUNDS || !atomic_load(&c->pg->w.kick))
             return; /* (a kick left now is served by the next section, or a waiter's look) */
@@ -1189,7 +1225,7 @@ static int enter(struct op *o)
         }
     }
     if (r == DONE)
-        taken(o);
+        after_taking(o);
     return r;
 }
 
@@ -1254,15 +1290,22 @@ static int slow_path(struct op *o, int waiting)
 
 /* -- fork ---------------------------------------------------------------------------------- */
 
-/* pthread_atfork child handler: runs in the only thread of a new child, before any Python. */
+/* pthread_atfork handlers.  The list of cores is walked in the child, so no other thread
+ * may be changing it at the fork. */
+static void before_fork(void) { pthread_mutex_lock(&cores_lock); }
+static void after_fork_parent(void) { pthread_mutex_unlock(&cores_lock); }
+
+/* In the only thread of a new child, before any Python. */
 static void after_fork_child(void)
 {
     atomic_fetch_add(&fork_gen, 1);
-    main_ident = PyThread_get_thread_ident();
+    atomic_store(&main_ident, PyThread_get_thread_ident());
     for (Core *c = all_cores.next; c && c != &all_cores; c = c->next) {
         c->inflight = 0; /* the calls in flight were the parent's other threads' */
-        pthread_mutex_init(&c->local, NULL); /* another thread may have held it at fork */
+        pthread_mutex_init(&c->local, NULL); /* another thread may have held them at fork */
+        pthread_mutex_init(&c->state, NULL);
     }
+    pthread_mutex_init(&cores_lock, NULL);
 }
 
 static int open_private(Core *c);
@@ -1272,8 +1315,13 @@ static int open_private(Core *c);
 static int ensure_own(Core *c)
 {
     unsigned long g = atomic_load(&fork_gen);
-    if (__builtin_expect(c->gen == g, 1))
+    if (__builtin_expect(atomic_load(&c->gen) == g, 1))
         return 0;
+    pthread_mutex_lock(&c->state);
+    if (atomic_load(&c->gen) == g) { /* (another thread of the child did it meanwhile) */
+        pthread_mutex_unlock(&c->state);
+        return 0;
+    }
     if (c->priv >= 0) {
         close(c->priv); /* the parent's copy stays open, so its locks stay */
         c->priv = -1;
@@ -1285,15 +1333,15 @@ static int ensure_own(Core *c)
         c->priv = c->spare;
         c->spare = -1;
     } else if (open_private(c) != 0) {
+        pthread_mutex_unlock(&c->state);
         return -1;
     }
-    c->gen = g;
+    atomic_store(&c->gen, g);
+    pthread_mutex_unlock(&c->state);
     return 0;
 }
 
 /* -- the operations, with the GIL ---------------------------------------------------------- */
-
-static void release_after(Core *c);
 
 /* Run `o` on the locked path: one try with the GIL held (the usual case: no wait), else the
  * slow path without it.  Returns what the call ends with. */
@@ -1310,9 +1358,8 @@ static int run(struct op *o)
     if (o->lock_until < 0)
         o->lock_until = now() + PATIENCE; /* a non-blocking call waits for a held lock */
     int r = BUSY;
-    c->inflight++; /* (also covers the test hook that lets the GIL go inside a section) */
     if (!o->spin && (r = lock_spin(o)) == DONE) {
-        taken(o);
+        after_taking(o);
         r = section(o);
         leave(o);
     }
@@ -1323,11 +1370,7 @@ static int run(struct op *o)
             abandon(o);
         PyEval_RestoreThread(o->ts);
         o->ts = NULL;
-        if (r == FORKED) /* a handler forked: this is the child, and its call ends */
-            return r;    /* (its inflight count is its own, from zero) */
     }
-    c->inflight--;
-    release_after(c);
     return r;
 }
 
@@ -1390,6 +1433,92 @@ static int core_arm(struct op *o)
     return run(o);
 }
 
+/* -- signals at the end of a call ----------------------------------------------------------
+ *
+ * Python runs signal handlers between bytecodes, never inside a C call; when after a call
+ * it checks for them depends on the CPython version (3.14 checks later after a keyword call
+ * than 3.13), and an exception raised between a read's return and the caller's store would
+ * lose the value read.  So a call that did its work runs the handlers itself, before it
+ * returns (main thread only: PyErr_CheckSignals does nothing elsewhere):
+ *   - a handler that raises makes the call raise, on every version;
+ *   - a read gives its value back first (a write of it): a call that raises consumed
+ *     nothing.  If the value no longer fits (writers filled the counter meanwhile) the read
+ *     returns it after all, and the exception is raised again right after the call;
+ *   - a write that committed stays committed: the exception comes from the call, the write
+ *     stands, as if the signal had come just after it returned. */
+
+#if PY_VERSION_HEX < 0x030C0000
+static PyObject *PyErr_GetRaisedException(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v && tb)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+}
+
+static void PyErr_SetRaisedException(PyObject *exc)
+{
+    if (!exc)
+        return;
+    PyObject *tb = PyException_GetTraceback(exc);
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, tb);
+}
+#endif
+
+static int raise_later(void *exc)
+{
+    PyErr_SetRaisedException((PyObject *)exc);
+    return -1;
+}
+
+static int handlers_after(struct op *o, int r)
+{
+    if (r != DONE || PyErr_CheckSignals() == 0)
+        return r;
+    if (o->kind != OP_READ || !o->v)
+        return PYERR;
+    PyObject *exc = PyErr_GetRaisedException();
+    struct op back = {.c = o->c, .v = o->v, .until = -1.0, .lock_until = -1.0};
+    if (core_write(&back) == DONE) {
+        PyErr_SetRaisedException(exc);
+        return PYERR;
+    }
+    PyErr_Clear(); /* (what the give-back raised, if anything: the read stands) */
+    if (Py_AddPendingCall(raise_later, exc) != 0) { /* (the queue is full: report it) */
+        PyErr_SetRaisedException(exc);
+        PyErr_WriteUnraisable((PyObject *)o->c);
+    }
+    return DONE;
+}
+
+/* -- module state, and the errors a call ends with ----------------------------------------- */
+
+typedef struct {
+    PyObject *state_error;     /* mpeventfd.StateError */
+    PyTypeObject *core_type;
+    PyTypeObject *handle_type;
+} module_state;
+
+static struct PyModuleDef module_def;
+
+/* The module state behind a Core, a Handle or a subclass of one (EventFD). */
+static module_state *state_of(PyTypeObject *tp)
+{
+    PyObject *m = PyType_GetModuleByDef(tp, &module_def);
+    return m ? (module_state *)PyModule_GetState(m) : NULL;
+}
+
+static PyObject *state_error(PyTypeObject *tp)
+{
+    module_state *st = state_of(tp);
+    PyErr_Clear(); /* (only a foreign subclass could fail the lookup) */
+    return st ? st->state_error : PyExc_ValueError;
+}
+
 static PyObject *closed_error(void)
 {
     set_oserror(EBADF, "Bad file descriptor: the EventFD is closed");
@@ -1397,7 +1526,7 @@ static PyObject *closed_error(void)
 }
 
 /* Turn a call's result into the exception its caller sees (NULL). */
-static PyObject *raise_result(int r, int err)
+static PyObject *raise_result(Core *c, int r, int err)
 {
     switch (r) {
     case AGAIN: set_oserror(EAGAIN, "Resource temporarily unavailable"); break;
@@ -1422,22 +1551,23 @@ static PyObject *raise_result(int r, int err)
                             "not go on with it (the parent's call goes on)");
         break;
     case CORRUPT:
-        PyErr_SetString(StateError, "the shared state is out of range: the state file was "
-                                    "corrupted by another process");
+        PyErr_SetString(state_error(Py_TYPE(c)), "the shared state is out of range: the state "
+                                                 "file was corrupted by another process");
         break;
     case LOCKFAIL:
-        PyErr_Format(StateError, "the eventfd's lock failed with %s (errno %d): the shared "
-                     "page's mutex was damaged by another process", strerror(err), err);
+        PyErr_Format(state_error(Py_TYPE(c)), "the eventfd's lock failed with %s (errno %d): "
+                     "the shared page's mutex was damaged by another process",
+                     strerror(err), err);
         break;
     }
     return NULL;
 }
 
-/* -- the Core type ------------------------------------------------------------------------- */
+/* -- the Core's life: calls in flight, close, free ------------------------------------------ */
 
 static void free_resources(Core *c)
 {
-    if (c->priv >= 0 && c->gen == atomic_load(&fork_gen)) {
+    if (c->priv >= 0 && atomic_load(&c->gen) == atomic_load(&fork_gen)) {
         /* Leave the attached processes, then see whether any other one remains: if none
          * does, nobody else will liveness-test (lifecycle then leaves it to a reaper).
          * Of several processes detaching at once, the last to unlock sees no other. */
@@ -1461,41 +1591,84 @@ static void free_resources(Core *c)
         if (c->fd[i] >= 0)
             close(c->fd[i]);
     c->fd[0] = c->fd[1] = c->fd[2] = -1;
+    pthread_mutex_lock(&cores_lock);
     if (c->next) { /* off the list the fork child walks */
         c->prev->next = c->next;
         c->next->prev = c->prev;
         c->next = c->prev = NULL;
     }
-    c->closed = c->freed = 1;
+    pthread_mutex_unlock(&cores_lock);
+    atomic_store(&c->closed, 1);
+    atomic_store(&c->freed, 1);
 }
 
-/* The last call out of a closed core frees it, then tells lifecycle (which liveness-tests). */
+/* Free a closed core if no call is in flight; 1 if this call freed it.
+ *
+ *   a call (enter)                        the freer (under c->state)
+ *   inflight += 1                         freed := 1   (a claim)
+ *   load freed: 1 -> back out             load inflight: > 0 -> freed := 0, keep it
+ *
+ * With both orders seq_cst, one of the two sees the other: no call runs on a freed core,
+ * and a core given up for a call in flight is freed when that call leaves. */
+static int free_if_idle(Core *c)
+{
+    int now_free = 0;
+    pthread_mutex_lock(&c->state);
+    if (atomic_load(&c->closed) && !atomic_load(&c->freed)) {
+        atomic_store(&c->freed, 1);
+        if (FLIGHT_LOAD(c->inflight) == 0) {
+            free_resources(c);
+            now_free = 1;
+        } else {
+            atomic_store(&c->freed, 0);
+        }
+    }
+    pthread_mutex_unlock(&c->state);
+    return now_free;
+}
+
+/* After the last call out of a closed core: free it, then tell lifecycle (which
+ * liveness-tests). */
 static void release_after(Core *c)
 {
-    if (!c->closed || c->inflight || c->freed)
+    if (!atomic_load(&c->closed) || atomic_load(&c->freed) || !free_if_idle(c))
         return;
-    free_resources(c);
-    if (c->on_free && c->on_free != Py_None) {
-#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *on_free = Py_XNewRef(c->on_free);
+    if (on_free && on_free != Py_None) {
         PyObject *saved = PyErr_GetRaisedException();
-#else
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-#endif
-        PyObject *r = PyObject_CallOneArg(c->on_free, (PyObject *)c);
+        PyObject *r = PyObject_CallOneArg(on_free, (PyObject *)c);
         if (!r && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
             PyErr_Clear(); /* a handler's Ctrl-C, which ran inside the callback: keep it */
             PyErr_SetInterrupt();
         } else if (!r) {
-            PyErr_WriteUnraisable(c->on_free);
+            PyErr_WriteUnraisable(on_free);
         }
         Py_XDECREF(r);
-#if PY_VERSION_HEX >= 0x030C0000
         PyErr_SetRaisedException(saved);
-#else
-        PyErr_Restore(t, v, tb);
-#endif
     }
+    Py_XDECREF(on_free);
+}
+
+/* A call on the core begins: count it in flight, then look: -1 with EBADF if the core is
+ * freed (or closed, unless `closed_ok`).  close() stores `closed` before it looks at the
+ * count, and the freer claims `freed` before: see free_if_idle. */
+static int enter_call(Core *c, int closed_ok)
+{
+    FLIGHT_ADD(c->inflight, 1);
+    if (!atomic_load(&c->freed) && (closed_ok || !atomic_load(&c->closed)))
+        return 0;
+    if (FLIGHT_ADD(c->inflight, -1) == 0)
+        release_after(c);
+    closed_error();
+    return -1;
+}
+
+/* The call ends.  FORKED: a signal handler forked and this is the child, whose count of
+ * calls in flight started again from zero. */
+static void leave_call(Core *c, int r)
+{
+    if (r != FORKED && FLIGHT_ADD(c->inflight, -1) == 0)
+        release_after(c);
 }
 
 /* A new private description, with the attached mark on it; -1 with an exception set. */
@@ -1540,7 +1713,7 @@ static int open_private(Core *c)
 }
 
 /* Validate a page's head (from pread, or the mapping): range-check every field (I14). */
-static int check_head(struct head *hd, off_t file_size)
+static int check_head(struct head *hd, off_t file_size, PyObject *error)
 {
     const struct header *h = &hd->h;
     struct words *w = &hd->w;
@@ -1565,7 +1738,7 @@ static int check_head(struct head *hd, off_t file_size)
              (h->carrier != CARRIER_PIPE && h->carrier != CARRIER_FILE))
         why = "the state header names an unknown lock kind";
     if (why) {
-        PyErr_SetString(StateError, why);
+        PyErr_SetString(error, why);
         return -1;
     }
     /* A robust mutex is laid out by the C library: glibc's and musl's differ (one's lock
@@ -1576,7 +1749,7 @@ static int check_head(struct head *hd, off_t file_size)
         (h->libc != LIBC || h->ptr_bits != sizeof(void *) * 8 ||
          h->mutex_size != sizeof(pthread_mutex_t))) {
         uint64_t theirs = h->libc < sizeof libc_names / sizeof *libc_names ? h->libc : 0;
-        PyErr_Format(StateError,
+        PyErr_Format(error,
                      "this eventfd's robust mutex was laid out by %s (%llu-bit, a %llu-byte "
                      "pthread_mutex_t); this process uses %s (%d-bit, %d bytes): only "
                      "processes of the same C library can share it",
@@ -1587,8 +1760,6 @@ static int check_head(struct head *hd, off_t file_size)
     }
     return 0;
 }
-
-static PyTypeObject CoreType;
 
 /* Core(state_fd, rfd, wfd, sem_r, sem_w, lock_path, poll_waits): attach to a state file
  * (read_header validated it).  On success the three fds belong to the core; on failure
@@ -1607,8 +1778,11 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     if (!c)
         return NULL;
     c->fd[0] = c->fd[1] = c->fd[2] = c->priv = c->spare = c->slot = -1;
-    c->closed = c->freed = 1; /* until everything is in place */
+    atomic_store(&c->closed, 1); /* until everything is in place */
+    atomic_store(&c->freed, 1);
     pthread_mutex_init(&c->local, NULL);
+    pthread_mutex_init(&c->state, NULL);
+    PyObject *error = state_error(type);
     if (fstat(sfd, &st) != 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto fail;
@@ -1619,15 +1793,15 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         goto fail;
     }
     c->pg = m;
-    if (check_head((struct head *)c->pg, st.st_size) != 0)
+    if (check_head((struct head *)c->pg, st.st_size, error) != 0)
         goto fail;
     if ((c->pg->h.carrier == CARRIER_FILE) != (lock_path != NULL)) {
-        PyErr_SetString(StateError, "the lock file and the header disagree");
+        PyErr_SetString(error, "the lock file and the header disagree");
         goto fail;
     }
 #ifndef HAVE_ROBUST_MUTEX
     if (c->pg->h.mutex_kind == MUTEX_ROBUST) {
-        PyErr_SetString(StateError, "this eventfd uses a robust mutex, which this build lacks");
+        PyErr_SetString(error, "this eventfd uses a robust mutex, which this build lacks");
         goto fail;
     }
 #endif
@@ -1663,12 +1837,15 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     }
     c->fd[0] = sfd;
     c->fd[2] = wfd;
-    c->gen = atomic_load(&fork_gen);
-    c->closed = c->freed = 0;
+    atomic_store(&c->gen, atomic_load(&fork_gen));
+    atomic_store(&c->closed, 0);
+    atomic_store(&c->freed, 0);
+    pthread_mutex_lock(&cores_lock);
     c->next = all_cores.next;
     c->prev = &all_cores;
     all_cores.next->prev = c;
     all_cores.next = c;
+    pthread_mutex_unlock(&cores_lock);
     return (PyObject *)c;
 fail:
     free_resources(c); /* the mapping, semaphores, private fd: none of the caller's fds */
@@ -1680,12 +1857,15 @@ static void core_dealloc(Core *c)
 {
     /* Freed by close(); a core dropped without it still must not leak.  No call can be in
      * flight: each holds a reference. */
-    if (!c->freed)
+    PyTypeObject *tp = Py_TYPE(c);
+    if (!atomic_load(&c->freed))
         free_resources(c);
     Py_CLEAR(c->on_free);
     PyMem_RawFree(c->file_path);
     pthread_mutex_destroy(&c->local);
-    Py_TYPE(c)->tp_free((PyObject *)c);
+    pthread_mutex_destroy(&c->state);
+    tp->tp_free((PyObject *)c);
+    Py_DECREF(tp); /* (a heap type's instances hold a reference to it) */
 }
 
 /* -- argument conversion ------------------------------------------------------------------- */
@@ -1761,29 +1941,27 @@ static int convert_value(PyObject *obj, uint64_t *v)
 
 /* -- Core methods: the seam that lifecycle and the public class use ------------------------ */
 
-#define LIVE_OR_RAISE(c) do { if ((c)->freed) return closed_error(); } while (0)
-
 static PyObject *core_peek(Core *c, PyObject *unused)
 {
     (void)unused;
-    LIVE_OR_RAISE(c);
+    if (enter_call(c, 1) != 0)
+        return NULL;
     uint64_t v = atomic_load(&c->pg->w.counter);
+    leave_call(c, DONE);
     if (v > MAX_VALUE)
-        return raise_result(CORRUPT, 0);
+        return raise_result(c, CORRUPT, 0);
     return PyLong_FromUnsignedLongLong(v);
 }
 
 /* close(): mark closed; free now unless calls are in flight (the last one out frees).
- * True if freed now.  Never waits for another thread. */
+ * True if freed now (or before).  Never waits for another thread. */
 static PyObject *core_close(Core *c, PyObject *unused)
 {
     (void)unused;
-    c->closed = 1;
-    if (c->inflight)
-        Py_RETURN_FALSE;
-    if (!c->freed)
-        free_resources(c);
-    Py_RETURN_TRUE;
+    atomic_store(&c->closed, 1);
+    if (atomic_load(&c->freed))
+        Py_RETURN_TRUE;
+    return PyBool_FromLong(free_if_idle(c));
 }
 
 /* own(): in a fork child, take a private description (and an attached mark) of our own
@@ -1791,7 +1969,13 @@ static PyObject *core_close(Core *c, PyObject *unused)
 static PyObject *core_own(Core *c, PyObject *unused)
 {
     (void)unused;
-    if (!c->freed && ensure_own(c) != 0)
+    if (enter_call(c, 1) != 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    int r = ensure_own(c);
+    leave_call(c, DONE);
+    if (r != 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1803,18 +1987,27 @@ static PyObject *core_own(Core *c, PyObject *unused)
 static PyObject *core_prepare_fork(Core *c, PyObject *unused)
 {
     (void)unused;
-    if (!c->freed && c->carrier == CARRIER_PIPE && c->spare < 0 &&
-        c->gen == atomic_load(&fork_gen) && (c->spare = open_description(c)) < 0)
+    if (enter_call(c, 1) != 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    pthread_mutex_lock(&c->state);
+    if (c->carrier == CARRIER_PIPE && c->spare < 0 &&
+        atomic_load(&c->gen) == atomic_load(&fork_gen) && (c->spare = open_description(c)) < 0)
         PyErr_Clear(); /* (the child then opens its own, a moment later) */
+    pthread_mutex_unlock(&c->state);
+    leave_call(c, DONE);
     Py_RETURN_NONE;
 }
 
 static PyObject *core_after_fork_parent(Core *c, PyObject *unused)
 {
     (void)unused;
+    pthread_mutex_lock(&c->state);
     if (c->spare >= 0)
         close(c->spare); /* the child's copy keeps the description and its mark */
     c->spare = -1;
+    pthread_mutex_unlock(&c->state);
     Py_RETURN_NONE;
 }
 
@@ -1822,10 +2015,13 @@ static PyObject *core_after_fork_parent(Core *c, PyObject *unused)
 static PyObject *core_reopen(Core *c, PyObject *unused)
 {
     (void)unused;
-    if (c->freed)
-        Py_RETURN_FALSE;
-    c->closed = 0;
-    Py_RETURN_TRUE;
+    int alive;
+    pthread_mutex_lock(&c->state);
+    alive = !atomic_load(&c->freed);
+    if (alive)
+        atomic_store(&c->closed, 0);
+    pthread_mutex_unlock(&c->state);
+    return PyBool_FromLong(alive);
 }
 
 /* For asyncio: a read that never waits for the counter, and for the lock about
@@ -1841,18 +2037,17 @@ static PyObject *core_reopen(Core *c, PyObject *unused)
 static PyObject *core_try_read(Core *c, PyObject *unused)
 {
     (void)unused;
-    LIVE_OR_RAISE(c);
-    if (c->closed)
-        return closed_error();
-    Py_INCREF(c);
-    struct op o = {.c = c, .until = -1.0, .lock_until = c->stuck ? 0.0 : now() + AIO_PATIENCE};
-    int r = core_read(&o);
-    c->stuck = r == BUSY;
-    Py_DECREF(c);
+    if (enter_call(c, 0) != 0)
+        return NULL;
+    int stuck = atomic_load_explicit(&c->stuck, memory_order_relaxed); /* (a hint) */
+    struct op o = {.c = c, .until = -1.0, .lock_until = stuck ? 0.0 : now() + AIO_PATIENCE};
+    int r = handlers_after(&o, core_read(&o));
+    atomic_store_explicit(&c->stuck, r == BUSY, memory_order_relaxed);
+    leave_call(c, r);
     if (r == BUSY)
         return PyLong_FromLong(0);
     if (r != DONE)
-        return raise_result(r, o.err);
+        return raise_result(c, r, o.err);
     return PyLong_FromUnsignedLongLong(o.v);
 }
 
@@ -1863,37 +2058,36 @@ static PyObject *core_try_write(Core *c, PyObject *value)
     uint64_t v;
     if (convert_value(value, &v) != 0) /* (first: it may run Python code) */
         return NULL;
-    LIVE_OR_RAISE(c);
-    if (c->closed)
-        return closed_error();
-    Py_INCREF(c);
+    if (enter_call(c, 0) != 0)
+        return NULL;
     struct op o = {.c = c, .v = v, .until = -1.0, .lock_until = 0.0};
-    int r = core_write(&o);
-    Py_DECREF(c);
+    int r = handlers_after(&o, core_write(&o));
+    leave_call(c, r);
     if (r == BUSY)
         Py_RETURN_FALSE;
     if (r != DONE)
-        return raise_result(r, o.err);
+        return raise_result(c, r, o.err);
     Py_RETURN_TRUE;
 }
 
 static PyObject *core_arm_method(Core *c, PyObject *unused)
 {
     (void)unused;
-    LIVE_OR_RAISE(c);
-    Py_INCREF(c);
+    if (enter_call(c, 1) != 0)
+        return NULL;
     struct op o = {.c = c};
     int r = core_arm(&o);
-    Py_DECREF(c);
+    leave_call(c, r);
     if (r != DONE)
-        return raise_result(r, o.err);
+        return raise_result(c, r, o.err);
     Py_RETURN_NONE;
 }
 
 static PyObject *core_stats(Core *c, PyObject *unused)
 {
     (void)unused;
-    LIVE_OR_RAISE(c);
+    if (enter_call(c, 1) != 0)
+        return NULL;
     struct page *p = c->pg;
     int sv[2] = {-1, -1};
 #ifdef HAVE_SEM_GETVALUE
@@ -1901,7 +2095,7 @@ static PyObject *core_stats(Core *c, PyObject *unused)
     sem_getvalue(c->sem[1], &sv[1]);
 #endif
     uint64_t wr = wp_load(c, READER), ww = wp_load(c, WRITER);
-    return Py_BuildValue(
+    PyObject *d = Py_BuildValue(
         "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsisisi}",
         "counter", (unsigned long long)atomic_load(&p->w.counter),
         "dirty", (unsigned long long)atomic_load(&p->w.dirty),
@@ -1918,20 +2112,28 @@ static PyObject *core_stats(Core *c, PyObject *unused)
         "looks", (unsigned long long)atomic_load(&looks),
         "looks_locked", (unsigned long long)atomic_load(&looks_locked),
         "slot", c->slot, "sem_r", sv[0], "sem_w", sv[1]);
+    leave_call(c, DONE);
+    return d;
 }
 
 static PyObject *core_get_fds(Core *c, void *unused)
 {
     (void)unused;
-    LIVE_OR_RAISE(c);
-    return Py_BuildValue("(iii)", c->fd[0], c->fd[1], c->fd[2]);
+    if (enter_call(c, 1) != 0)
+        return NULL;
+    PyObject *t = Py_BuildValue("(iii)", c->fd[0], c->fd[1], c->fd[2]);
+    leave_call(c, DONE);
+    return t;
 }
 
 static PyObject *core_get_nonblocking(Core *c, void *unused)
 {
     (void)unused;
-    LIVE_OR_RAISE(c);
-    return PyBool_FromLong((long)atomic_load(&c->pg->w.nonblock));
+    if (enter_call(c, 1) != 0)
+        return NULL;
+    long b = (long)atomic_load(&c->pg->w.nonblock);
+    leave_call(c, DONE);
+    return PyBool_FromLong(b);
 }
 
 static int core_set_nonblocking(Core *c, PyObject *value, void *unused)
@@ -1940,29 +2142,33 @@ static int core_set_nonblocking(Core *c, PyObject *value, void *unused)
     int b = value ? PyObject_IsTrue(value) : -1; /* (first: it may run Python code) */
     if (b < 0)
         return -1;
-    if (c->freed)
-        return closed_error(), -1;
+    if (enter_call(c, 1) != 0)
+        return -1;
     atomic_store(&c->pg->w.nonblock, (uint64_t)b); /* one store, seen by every process */
+    leave_call(c, DONE);
     return 0;
 }
 
 static PyObject *core_get_ident(Core *c, void *unused)
 {
     (void)unused;
-    LIVE_OR_RAISE(c);
-    return PyBytes_FromStringAndSize((const char *)c->pg->h.id, 16);
+    if (enter_call(c, 1) != 0)
+        return NULL;
+    PyObject *id = PyBytes_FromStringAndSize((const char *)c->pg->h.id, 16);
+    leave_call(c, DONE);
+    return id;
 }
 
 static PyObject *core_get_closed(Core *c, void *unused)
 {
     (void)unused;
-    return PyBool_FromLong(c->closed);
+    return PyBool_FromLong(atomic_load(&c->closed));
 }
 
 static PyObject *core_get_freed(Core *c, void *unused)
 {
     (void)unused;
-    return PyBool_FromLong(c->freed);
+    return PyBool_FromLong(atomic_load(&c->freed));
 }
 
 static PyObject *core_get_semaphore(Core *c, void *unused)
@@ -1983,10 +2189,17 @@ static PyObject *core_get_on_free(Core *c, void *unused)
     return Py_NewRef(c->on_free ? c->on_free : Py_None);
 }
 
+/* Set once, by lifecycle, before the core is shared: it is read without a lock. */
 static int core_set_on_free(Core *c, PyObject *value, void *unused)
 {
     (void)unused;
-    Py_XSETREF(c->on_free, Py_XNewRef(value));
+    if (c->on_free == value)
+        return 0; /* (a revived core registers again) */
+    if (c->on_free) {
+        PyErr_SetString(PyExc_ValueError, "on_free is set once");
+        return -1;
+    }
+    c->on_free = Py_XNewRef(value);
     return 0;
 }
 
@@ -2024,33 +2237,39 @@ static PyGetSetDef core_getset[] = {
      "Called with the core once close() and the last call in flight have freed it.", NULL},
     {NULL}};
 
-static PyTypeObject CoreType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mpeventfd._core.Core",
-    .tp_basicsize = sizeof(Core),
-    .tp_dealloc = (destructor)core_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "One eventfd as attached in this process (one per process and eventfd).",
-    .tp_methods = core_methods,
-    .tp_getset = core_getset,
-    .tp_new = core_new,
-};
+static PyType_Slot core_slots[] = {
+    {Py_tp_dealloc, core_dealloc},
+    {Py_tp_doc, "One eventfd as attached in this process (one per process and eventfd)."},
+    {Py_tp_methods, core_methods},
+    {Py_tp_getset, core_getset},
+    {Py_tp_new, core_new},
+    {0, NULL}};
+
+static PyType_Spec core_spec = {
+    "mpeventfd._core.Core", sizeof(Core), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    core_slots};
 
 /* -- Handle: the base of the public EventFD, its hot methods in C -------------------------- */
 
 typedef struct {
     PyObject_HEAD
-    Core *core; /* NULL once closed */
+    Core *core;         /* set once, before the handle is shared, and kept until dealloc: a
+                         * call reads it without a lock (free-threaded, and in a fork child
+                         * whose parent's other threads held locks at the fork) */
+    _Atomic int closed; /* the handle let go of the core (close(), _detach()) */
 } Handle;
 
-/* The handle's live core, or EBADF. */
+/* The handle's live core, with the call counted in flight (done() ends it), or NULL with
+ * EBADF.  The handle keeps its core for its whole life, so no reference is needed. */
 static Core *live(Handle *h)
 {
     Core *c = h->core;
-    if (c && !c->closed)
-        return c;
-    closed_error();
-    return NULL;
+    if (!c || atomic_load(&h->closed))
+        return (Core *)closed_error();
+    return enter_call(c, 0) == 0 ? c : NULL;
 }
+
+static void done(Core *c, int r) { leave_call(c, r); }
 
 /* Fast argument parsing for (value=1, timeout=None) and (timeout=None). */
 static int parse(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
@@ -2092,14 +2311,12 @@ static PyObject *handle_write(Handle *h, PyObject *const *args, Py_ssize_t nargs
     Core *c = live(h);
     if (!c)
         return NULL;
-    Py_INCREF(c); /* a close() from another thread must not free the object under the call */
     until = follow_mode(c, until);
     struct op o = {.c = c, .v = v, .until = until, .lock_until = until};
-    int r = core_write(&o);
-    Py_DECREF(c);
-    if (r != DONE)
-        return raise_result(r, o.err);
-    Py_RETURN_NONE;
+    int r = handlers_after(&o, core_write(&o));
+    PyObject *result = r == DONE ? Py_NewRef(Py_None) : raise_result(c, r, o.err);
+    done(c, r);
+    return result;
 }
 
 static PyObject *handle_read(Handle *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
@@ -2113,20 +2330,22 @@ static PyObject *handle_read(Handle *h, PyObject *const *args, Py_ssize_t nargs,
     Core *c = live(h);
     if (!c)
         return NULL;
-    Py_INCREF(c);
     until = follow_mode(c, until);
     struct op o = {.c = c, .until = until, .lock_until = until};
-    int r = core_read(&o);
-    Py_DECREF(c);
-    if (r != DONE)
-        return raise_result(r, o.err);
-    return PyLong_FromUnsignedLongLong(o.v);
+    int r = handlers_after(&o, core_read(&o));
+    PyObject *result = r == DONE ? PyLong_FromUnsignedLongLong(o.v) : raise_result(c, r, o.err);
+    done(c, r);
+    return result;
 }
 
 static PyObject *handle_peek(Handle *h, PyObject *unused)
 {
     Core *c = live(h);
-    return c ? core_peek(c, unused) : NULL;
+    if (!c)
+        return NULL;
+    PyObject *v = core_peek(c, unused);
+    done(c, DONE);
+    return v;
 }
 
 static PyObject *handle_fileno(Handle *h, PyObject *unused)
@@ -2135,38 +2354,59 @@ static PyObject *handle_fileno(Handle *h, PyObject *unused)
     Core *c = live(h);
     if (!c)
         return NULL;
-    Py_INCREF(c);
     struct op o = {.c = c};
-    int r = core_arm(&o), fd = c->fd[1], freed = c->freed;
-    Py_DECREF(c);
-    if (r != DONE)
-        return raise_result(r, o.err);
-    if (freed)
-        return closed_error();
-    return PyLong_FromLong(fd);
+    int r = core_arm(&o), fd = c->fd[1];
+    PyObject *result = r == DONE ? PyLong_FromLong(fd) : raise_result(c, r, o.err);
+    done(c, r);
+    return result;
 }
 
 static void handle_dealloc(Handle *h)
 {
+    PyTypeObject *tp = Py_TYPE(h);
     Py_CLEAR(h->core);
-    Py_TYPE(h)->tp_free((PyObject *)h);
+    tp->tp_free((PyObject *)h);
+    Py_DECREF(tp); /* (a heap type, or a subclass whose dealloc leaves it to us) */
 }
 
 static PyObject *handle_get_core(Handle *h, void *unused)
 {
     (void)unused;
-    return Py_NewRef(h->core ? (PyObject *)h->core : Py_None);
+    Core *c = h->core;
+    return Py_NewRef(c && !atomic_load(&h->closed) ? (PyObject *)c : Py_None);
 }
 
+/* _core = a Core: attach (once, before the handle is shared); _core = None: close. */
 static int handle_set_core(Handle *h, PyObject *value, void *unused)
 {
     (void)unused;
-    if (value && value != Py_None && !PyObject_TypeCheck(value, &CoreType)) {
+    module_state *st = state_of(Py_TYPE(h));
+    if (!st)
+        return -1;
+    if (!value || value == Py_None) {
+        atomic_store(&h->closed, 1);
+        return 0;
+    }
+    if (!PyObject_TypeCheck(value, st->core_type)) {
         PyErr_SetString(PyExc_TypeError, "_core must be a Core or None");
         return -1;
     }
-    Py_XSETREF(h->core, value && value != Py_None ? (Core *)Py_NewRef(value) : NULL);
+    if (h->core) {
+        PyErr_SetString(PyExc_ValueError, "a handle's core is set once");
+        return -1;
+    }
+    h->core = (Core *)Py_NewRef(value);
     return 0;
+}
+
+/* _detach(): close the handle; its core if this call closed it (exactly one caller gets
+ * it, whatever the threads), else None. */
+static PyObject *handle_detach(Handle *h, PyObject *unused)
+{
+    (void)unused;
+    if (h->core && atomic_exchange(&h->closed, 1) == 0)
+        return Py_NewRef((PyObject *)h->core);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef handle_methods[] = {
@@ -2204,22 +2444,25 @@ static PyMethodDef handle_methods[] = {
      "fileno()\n--\n\nThe notifier pipe's read end: readable exactly while the counter is\n"
      "> 0.  It is a pipe, not an eventfd: it never reports POLLOUT, and reading it directly\n"
      "bypasses the counter; use read() to consume."},
+    {"_detach", (PyCFunction)handle_detach, METH_NOARGS,
+     "Close the handle; its core if this call closed it, else None."},
     {NULL}};
 
 static PyGetSetDef handle_getset[] = {
     {"_core", (getter)handle_get_core, (setter)handle_set_core, "The attached core.", NULL},
     {NULL}};
 
-static PyTypeObject HandleType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mpeventfd._core.Handle",
-    .tp_basicsize = sizeof(Handle),
-    .tp_dealloc = (destructor)handle_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "Base of mpeventfd.EventFD: the operations that are one C call each.",
-    .tp_methods = handle_methods,
-    .tp_getset = handle_getset,
-    .tp_new = PyType_GenericNew,
-};
+static PyType_Slot handle_slots[] = {
+    {Py_tp_dealloc, handle_dealloc},
+    {Py_tp_doc, "Base of mpeventfd.EventFD: the operations that are one C call each."},
+    {Py_tp_methods, handle_methods},
+    {Py_tp_getset, handle_getset},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL}};
+
+static PyType_Spec handle_spec = {
+    "mpeventfd._core.Handle", sizeof(Handle), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE, handle_slots};
 
 /* -- module functions ---------------------------------------------------------------------- */
 
@@ -2307,7 +2550,7 @@ static PyObject *mod_set_identity(PyObject *mod, PyObject *args)
  * stack (threading.stack_size(32768)). */
 static PyObject *mod_read_header(PyObject *mod, PyObject *arg)
 {
-    (void)mod;
+    PyObject *error = ((module_state *)PyModule_GetState(mod))->state_error;
     long fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
@@ -2320,8 +2563,8 @@ static PyObject *mod_read_header(PyObject *mod, PyObject *arg)
     if (n < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     if (n != want)
-        return PyErr_Format(StateError, "the state file is too short");
-    if (check_head(&hd, st.st_size) != 0)
+        return PyErr_Format(error, "the state file is too short");
+    if (check_head(&hd, st.st_size, error) != 0)
         return NULL;
     const struct header *h = &hd.h;
     return Py_BuildValue(
@@ -2356,8 +2599,8 @@ static PyObject *mod_arm(PyObject *mod, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "unknown fault step or action: %s=%s", name, action);
     fault_action = act;
     fault_arg = arg;
-    fault_countdown = nth;
-    fault_step = step;
+    atomic_store(&fault_countdown, nth);
+    atomic_store(&fault_step, step);
     Py_RETURN_NONE;
 }
 
@@ -2379,7 +2622,7 @@ static PyObject *mod_disarm(PyObject *mod, PyObject *unused)
 {
     (void)mod;
     (void)unused;
-    fault_step = STEP_NONE;
+    atomic_store(&fault_step, STEP_NONE);
     Py_RETURN_NONE;
 }
 
@@ -2392,31 +2635,31 @@ static PyMethodDef module_methods[] = {
     {"_spin", mod_spin, METH_O, "Set the read spin (seconds); returns the old one."},
     {NULL}};
 
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "mpeventfd._core",
-    "The critical sections of mpeventfd, each one C call (see docs/design.md).", -1,
-    module_methods,
-};
+/* -- the module: multi-phase init, module state, no GIL ------------------------------------- */
 
-PyMODINIT_FUNC PyInit__core(void)
+/* The process-wide part of the import, once per process (the fork handlers are the
+ * process's), and the one interpreter it belongs to: the state of a process (its fork
+ * generation, the cores a fork child walks) cannot be shared with a second interpreter. */
+static _Atomic int64_t owner_interp = -1;
+
+static int init_process(void)
 {
-    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&HandleType) < 0)
-        return NULL;
-    PyObject *errors = PyImport_ImportModule("mpeventfd._errors");
-    if (!errors)
-        return NULL;
-    StateError = PyObject_GetAttrString(errors, "StateError");
-    Py_DECREF(errors);
-    if (!StateError)
-        return NULL;
+    int64_t me = PyInterpreterState_GetID(PyInterpreterState_Get()), none = -1;
+    if (!atomic_compare_exchange_strong(&owner_interp, &none, me)) {
+        if (none == me)
+            return 0; /* imported again in the same interpreter */
+        PyErr_SetString(PyExc_ImportError, "mpeventfd._core is already loaded by another "
+                        "interpreter of this process: one interpreter per process can use it");
+        return -1;
+    }
     PyObject *threading = PyImport_ImportModule("threading");
     PyObject *main = threading ? PyObject_CallMethod(threading, "main_thread", NULL) : NULL;
     PyObject *ident = main ? PyObject_GetAttrString(main, "ident") : NULL;
     Py_XDECREF(threading);
     Py_XDECREF(main);
     if (!ident)
-        return NULL;
-    main_ident = PyLong_AsUnsignedLong(ident);
+        goto fail;
+    atomic_store(&main_ident, PyLong_AsUnsignedLong(ident));
     Py_DECREF(ident);
     all_cores.next = all_cores.prev = &all_cores;
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -2427,14 +2670,48 @@ PyMODINIT_FUNC PyInit__core(void)
 #endif
     atomic_store(&spin_ns, cpus > 1 ? (int64_t)(SPIN_READ * 1e9) : 0);
     lock_cpus = (int)cpus;
-    if (pthread_atfork(NULL, NULL, after_fork_child) != 0)
-        return PyErr_Format(PyExc_RuntimeError, "pthread_atfork failed");
-    PyObject *m = PyModule_Create(&module);
-    PyObject *steps = PyTuple_New(NSTEPS);
-    if (!m || !steps)
+    if (pthread_atfork(before_fork, after_fork_parent, after_fork_child) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
         goto fail;
-    for (int i = 0; i < NSTEPS; i++)
-        PyTuple_SET_ITEM(steps, i, PyUnicode_FromString(step_names[i]));
+    }
+    return 0;
+fail:
+    atomic_store(&owner_interp, -1);
+    return -1;
+}
+
+static int module_exec(PyObject *m)
+{
+    module_state *st = PyModule_GetState(m);
+    if (init_process() != 0)
+        return -1;
+    PyObject *errors = PyImport_ImportModule("mpeventfd._errors");
+    if (!errors)
+        return -1;
+    st->state_error = PyObject_GetAttrString(errors, "StateError");
+    Py_DECREF(errors);
+    if (!st->state_error)
+        return -1;
+    st->core_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &core_spec, NULL);
+    if (!st->core_type || PyModule_AddType(m, st->core_type) != 0)
+        return -1;
+    st->handle_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &handle_spec, NULL);
+    if (!st->handle_type || PyModule_AddType(m, st->handle_type) != 0)
+        return -1;
+    PyObject *steps = PyTuple_New(NSTEPS);
+    if (!steps)
+        return -1;
+    for (int i = 0; i < NSTEPS; i++) {
+        PyObject *name = PyUnicode_FromString(step_names[i]);
+        if (!name) {
+            Py_DECREF(steps);
+            return -1;
+        }
+        PyTuple_SET_ITEM(steps, i, name);
+    }
+    if (PyModule_Add(m, "STEPS", steps) != 0 ||
+        PyModule_Add(m, "MAX_VALUE", PyLong_FromUnsignedLongLong(MAX_VALUE)) != 0)
+        return -1;
     struct { const char *name; long long v; } ints[] = {
         {"SIZE", (long long)PAGE_BYTES}, {"NSLOTS", NSLOTS},
         {"MUTEX_ROBUST", MUTEX_ROBUST}, {"MUTEX_BYTE", MUTEX_BYTE},
@@ -2476,17 +2753,45 @@ PyMODINIT_FUNC PyInit__core(void)
     };
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
         if (PyModule_AddIntConstant(m, ints[i].name, (long)ints[i].v) != 0)
-            goto fail;
-    if (PyModule_AddObject(m, "STEPS", steps) != 0)
-        goto fail;
-    steps = NULL;
-    if (PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) != 0 ||
-        PyModule_AddObjectRef(m, "Handle", (PyObject *)&HandleType) != 0 ||
-        PyModule_AddObject(m, "MAX_VALUE", PyLong_FromUnsignedLongLong(MAX_VALUE)) != 0)
-        goto fail;
-    return m;
-fail:
-    Py_XDECREF(steps);
-    Py_XDECREF(m);
-    return NULL;
+            return -1;
+    return 0;
 }
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    module_state *st = PyModule_GetState(m);
+    Py_VISIT(st->state_error);
+    Py_VISIT(st->core_type);
+    Py_VISIT(st->handle_type);
+    return 0;
+}
+
+static int module_clear(PyObject *m)
+{
+    module_state *st = PyModule_GetState(m);
+    Py_CLEAR(st->state_error);
+    Py_CLEAR(st->core_type);
+    Py_CLEAR(st->handle_type);
+    return 0;
+}
+
+static void module_free(void *m) { module_clear((PyObject *)m); }
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED}, /* every shared word is an atomic or under a lock */
+#endif
+    {0, NULL}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "mpeventfd._core",
+    "The critical sections of mpeventfd, each one C call (see docs/design.md).",
+    sizeof(module_state), module_methods, module_slots, module_traverse, module_clear,
+    module_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&module_def); }

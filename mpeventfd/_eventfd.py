@@ -220,17 +220,13 @@ class EventFD(_core.Handle):
         of this process blocked in :meth:`read` or :meth:`write` keeps waiting until a write
         (or read) lets it proceed or its timeout expires, as on Linux.
         """
-        core = self._core
-        if core is None:
-            return
-        self._core = None
-        if self._owner:
+        core = self._detach()  # (one caller gets the core, whatever the threads)
+        if core is not None and self._owner:
             _lifecycle.release(core)
 
     def __del__(self) -> None:
-        core = self._core
+        core = self._detach()
         if core is not None and getattr(self, "_owner", False):
-            self._core = None
             _lifecycle.release_from_finalizer(core)
 
     def __enter__(self) -> EventFD:

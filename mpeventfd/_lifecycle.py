@@ -755,35 +755,50 @@ def shutdown() -> None:
             _pending.pop(name, None)
 
 
-def _after_fork_child() -> None:
-    global _reg_lock, _janitor_lock, _janitor
-    _reg_lock = threading.Lock()
-    _janitor_lock = threading.Lock()
-    _janitor = None
-    _pending.clear()  # the parent retests its own names
-    _deferred.clear()
-    _aio.reset_after_fork()
-    # Closed cores kept only by another thread's call in flight (no such thread here): let
-    # go of their copies now, or the child would pin the parent's names.
-    for core in list(_closing.values()):
-        core.close()
-    _closing.clear()
-    _names_of.clear()
-    for core in list(_registry.values()):
-        try:
-            core.own()  # attached here too: a parent that detaches first must see us
-        except OSError:
-            pass  # (fileno() was replaced: the first call says so)
+# Fork.  Without the GIL another thread may be inside a container's operation at the fork,
+# and the child would find that container's lock held for ever: the forking thread holds
+# the registry lock across the fork, so that no registry container is being changed, and the
+# child takes fresh containers instead of touching the ones other threads used.
+_fork_held = False
 
 
 def _before_fork() -> None:
+    global _fork_held
+    # (A timeout, not a wait: this very thread may hold it, in a finalizer's fork.)
+    _fork_held = _reg_lock.acquire(timeout=5)
     for core in list(_registry.values()):
         core.prepare_fork()
 
 
 def _after_fork_parent() -> None:
+    global _fork_held
     for core in list(_registry.values()):
         core.after_fork_parent()
+    if _fork_held:
+        _fork_held = False
+        _reg_lock.release()
+
+
+def _after_fork_child() -> None:
+    global _reg_lock, _janitor_lock, _janitor, _pending, _deferred, _closing, _names_of
+    global _fork_held
+    _reg_lock = threading.Lock()
+    _fork_held = False
+    _janitor_lock = threading.Lock()
+    _janitor = None
+    _pending = {}  # the parent retests its own names
+    _deferred = collections.deque()
+    _aio.reset_after_fork()
+    # Closed cores kept only by another thread's call in flight (no such thread here): let
+    # go of their copies now, or the child would pin the parent's names.
+    closing, _closing, _names_of = _closing, {}, {}
+    for core in closing.values():
+        core.close()
+    for core in list(_registry.values()):
+        try:
+            core.own()  # attached here too: a parent that detaches first must see us
+        except OSError:
+            pass  # (fileno() was replaced: the first call says so)
 
 
 def _install_mp_finalizer(_: object) -> None:
