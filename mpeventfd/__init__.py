@@ -27,7 +27,7 @@ __all__ = (
     "send_eventfd",
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 for _name in __all__:
     _obj = globals()[_name]
