@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from conftest import record
-from helpers import fork_child, reap
+from figures import record
+from helpers import FORKED, fork_child, reap
 from mpeventfd import EventFD
 
 WRITERS = 4
@@ -79,6 +79,20 @@ class Log:
                 self.lines[r] += [line.decode() for line in done]
 
 
+    def drain_until_exit(self, pid: int, timeout: float) -> int:
+        """Reap ``pid`` while keeping every log drained: a child blocked writing to a full
+        log pipe would never look at its stop pipe (the reader once hung so, for 30 s,
+        when the parent was kept off the CPU between its last drain and the stop)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drain()
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            assert time.monotonic() < deadline, f"child {pid} did not exit in {timeout} s"
+            select.select(list(self.pipes), [], [], 0.01)  # (bounded: woken by new lines)
+
+
 def subset_sums(values: list[int]) -> set[int]:
     sums = {0}
     for v in values:
@@ -91,9 +105,18 @@ def test_random_sigkill_storm_loses_and_duplicates_nothing(backend: str) -> None
     rng = random.Random(20261127)
     log = Log()
     stop_r, stop_w = os.pipe()
+    writer_logs = [log.pipe() for _ in range(WRITERS)]
+    reader_log = log.pipe()
+    try:
+        _storm(rng, log, stop_r, stop_w, writer_logs, reader_log)
+    finally:  # (also when it fails: a leak would fail the next test too)
+        for fd in [stop_r, stop_w, *(x for pair in [*writer_logs, reader_log] for x in pair)]:
+            os.close(fd)
+
+
+def _storm(rng: random.Random, log: Log, stop_r: int, stop_w: int,
+           writer_logs: list[tuple[int, int]], reader_log: tuple[int, int]) -> None:
     with EventFD(0) as efd:
-        writer_logs = [log.pipe() for _ in range(WRITERS)]
-        reader_log = log.pipe()
         reader = fork_child(lambda: _reader(efd, reader_log[1], stop_r))
         writers = [fork_child(functools.partial(_writer, efd, w, rng.random()))
                    for _, w in writer_logs]
@@ -111,7 +134,8 @@ def test_random_sigkill_storm_loses_and_duplicates_nothing(backend: str) -> None
                 os.kill(writers[k], signal.SIGKILL)
                 reap(writers[k])
             os.write(stop_w, b"x")
-            assert reap(reader, 30) == 0
+            assert log.drain_until_exit(reader, 30) == 0
+            FORKED.discard(reader)
         finally:
             for pid in [*writers, reader]:
                 try:
@@ -144,5 +168,3 @@ def test_random_sigkill_storm_loses_and_duplicates_nothing(backend: str) -> None
         assert excess in subset_sums(in_flight), (excess, in_flight)
         record("storm kills survived", KILLS)
         record("storm seconds", elapsed)
-    for fd in [stop_r, stop_w, *(x for pair in [*writer_logs, reader_log] for x in pair)]:
-        os.close(fd)
