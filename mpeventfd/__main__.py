@@ -24,14 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     cleanup.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     reap = sub.add_parser("reap", help="wait for the last holder of an eventfd, then remove it "
                           "(started by mpeventfd itself)")
-    reap.add_argument("name", help="the eventfd's 22-character id")
+    reap.add_argument("names", nargs="+", metavar="name", help="an eventfd's 22-character id")
     args = parser.parse_args(argv)
 
     if args.command == "reap":
-        from . import _lifecycle, _names
+        import threading
 
-        _names.decode(args.name)  # (a well-formed id, nothing else)
-        return 0 if _lifecycle.reap_when_free(args.name) else 1
+        from . import _liveness, _names
+
+        for name in args.names:
+            _names.decode(name)  # (well-formed ids, nothing else)
+        # One waiter per name: each wait ends when that eventfd's last fd closes.
+        done: list[bool] = []
+        waiters = [threading.Thread(target=lambda n=name: done.append(_liveness.reap_when_free(n)))
+                   for name in args.names]
+        for t in waiters:
+            t.start()
+        for t in waiters:
+            t.join()
+        return 0 if all(done) and len(done) == len(args.names) else 1
 
     if args.command == "demo":
         from ._demo import run

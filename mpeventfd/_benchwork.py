@@ -17,7 +17,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from . import _core, _lifecycle
+from . import _core, _create
 from ._eventfd import EFD_SEMAPHORE, EventFD
 
 Timer = Callable[[], float]
@@ -95,13 +95,13 @@ def pair_loop(n: int, lock: str | None = None, armed: bool = False) -> Timer:
     """The write+read pair; ``lock`` picks the lock kind ("robust", "byte"), ``armed``
     asks for fileno() first (the pipe then mirrors the counter)."""
     def run() -> float:
-        saved = _lifecycle.default_mutex
+        saved = EventFD._mutex_kind
         if lock is not None:
-            _lifecycle.default_mutex = _lifecycle.LOCK_KINDS[lock]
+            EventFD._mutex_kind = _create.LOCK_KINDS[lock]
         try:
             efd = EventFD(0)
         finally:
-            _lifecycle.default_mutex = saved
+            EventFD._mutex_kind = saved
         with efd:
             if armed:
                 efd.fileno()

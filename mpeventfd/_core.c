@@ -303,6 +303,7 @@ struct Core {
     _Atomic int stuck;     /* try_read's last wait for the lock timed out (core_try_read) */
     pthread_mutex_t state; /* close, reopen, free and a fork child's ensure_own, one at a time */
     int alone;             /* at free: no other attached process was left */
+    _Atomic int saw_death; /* this process repaired after a holder died (lifecycle waits) */
     PyObject *on_free;     /* called once resources are freed after close() */
     char *file_path;       /* CARRIER_FILE: the lock file */
     Core *next, *prev;     /* every live core, for the fork child (cores_lock) */
@@ -901,8 +902,10 @@ static void after_taking(struct op *o)
 {
     Core *c = o->c;
     STEP(LOCK_TAKEN);
-    if (o->died || atomic_load(&c->pg->w.dirty))
+    if (o->died || atomic_load(&c->pg->w.dirty)) {
         repair(c);
+        atomic_store(&c->saw_death, 1);
+    }
 #ifdef HAVE_ROBUST_MUTEX
     if (o->died)
         pthread_mutex_consistent(&c->pg->mutex.m);
@@ -2183,6 +2186,12 @@ static PyObject *core_get_alone(Core *c, void *unused)
     return PyBool_FromLong(c->alone);
 }
 
+static PyObject *core_get_saw_death(Core *c, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(atomic_load(&c->saw_death));
+}
+
 static PyObject *core_get_on_free(Core *c, void *unused)
 {
     (void)unused;
@@ -2233,6 +2242,8 @@ static PyGetSetDef core_getset[] = {
     {"semaphore", (getter)core_get_semaphore, NULL, "EFD_SEMAPHORE, fixed at creation.", NULL},
     {"alone", (getter)core_get_alone, NULL,
      "Freed with no other process attached: none will liveness-test after us.", NULL},
+    {"saw_death", (getter)core_get_saw_death, NULL,
+     "This process repaired after a holder died: that peer may still be exiting.", NULL},
     {"on_free", (getter)core_get_on_free, (setter)core_set_on_free,
      "Called with the core once close() and the last call in flight have freed it.", NULL},
     {NULL}};

@@ -30,13 +30,3 @@ def oserror(code: int, detail: str = "") -> OSError:
 def closed_error() -> OSError:
     """The error every operation on a closed handle raises, as on a closed fd."""
     return oserror(errno.EBADF, "the EventFD is closed")
-
-
-def timeout_error() -> OSError:
-    """A finite ``timeout`` expired with nothing consumed or added."""
-    return OSError(errno.ETIMEDOUT, "timed out: the eventfd did not become ready in time")
-
-
-def would_block() -> OSError:
-    """A non-blocking call found no counter to read or no room to write."""
-    return oserror(errno.EAGAIN)

@@ -13,9 +13,10 @@ import os
 from types import TracebackType
 from typing import NoReturn
 
-from . import _aio, _core, _lifecycle
+from . import _aio, _core, _create, _registry
 from ._core import Core
 from ._errors import closed_error, oserror
+from ._probe import PLATFORM
 
 EFD_SEMAPHORE: int = getattr(os, "EFD_SEMAPHORE", 1)
 EFD_CLOEXEC: int = getattr(os, "EFD_CLOEXEC", os.O_CLOEXEC)
@@ -52,6 +53,8 @@ class EventFD(_core.Handle):
 
     __slots__ = ("__weakref__", "_owner")
     _core: Core | None  # (a C-level attribute of Handle: the attached core, or None)
+    # The lock kind of new eventfds (the platform's; a test may pick the other one).
+    _mutex_kind: int = PLATFORM.mutex_kind
 
     def __init__(self, initval: int = 0, flags: int = EFD_CLOEXEC) -> None:
         self._owner = True
@@ -65,10 +68,9 @@ class EventFD(_core.Handle):
             raise OverflowError("initval must be <= 2**32 - 1")
         if flags & ~_KNOWN_FLAGS:
             raise oserror(errno.EINVAL, f"unknown eventfd flags {flags:#x}")
-        core = _lifecycle.create(
-            int(initval), bool(flags & EFD_SEMAPHORE), bool(flags & EFD_NONBLOCK)
-        )
-        _lifecycle.retain(core)
+        core = _create.create(int(initval), bool(flags & EFD_SEMAPHORE),
+                              bool(flags & EFD_NONBLOCK), self._mutex_kind)
+        _registry.current().retain(core)
         self._core = core
         if not flags & EFD_CLOEXEC:
             self.set_inheritable(True)
@@ -79,7 +81,7 @@ class EventFD(_core.Handle):
         self = cls.__new__(cls)
         self._owner = owner
         if owner:
-            _lifecycle.retain(core)
+            _registry.current().retain(core)
         self._core = core
         return self
 
@@ -209,7 +211,7 @@ class EventFD(_core.Handle):
         core = self._live()
         core.arm()
         state_fd, rfd, wfd = core.fds
-        return f"mpefd1:{_lifecycle.name_of(core)}:{state_fd}:{rfd}:{wfd}"
+        return f"mpefd1:{_registry.name_of(core)}:{state_fd}:{rfd}:{wfd}"
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -222,12 +224,12 @@ class EventFD(_core.Handle):
         """
         core = self._detach()  # (one caller gets the core, whatever the threads)
         if core is not None and self._owner:
-            _lifecycle.release(core)
+            _registry.current().release(core)
 
     def __del__(self) -> None:
         core = self._detach()
         if core is not None and getattr(self, "_owner", False):
-            _lifecycle.release_from_finalizer(core)
+            _registry.current().release_from_finalizer(core)
 
     def __enter__(self) -> EventFD:
         return self
@@ -251,7 +253,7 @@ class EventFD(_core.Handle):
         except (OSError, ValueError):
             return "<mpeventfd.EventFD closed>"
         return (
-            f"<mpeventfd.EventFD id={_lifecycle.name_of(core)} counter={counter} "
+            f"<mpeventfd.EventFD id={_registry.name_of(core)} counter={counter} "
             f"flags={'|'.join(names) or '0'} fileno={fileno}>"
         )
 
@@ -280,3 +282,7 @@ _FLAG_NAMES = (
 def _check_flag(name: str, value: object) -> None:
     if not isinstance(value, int):
         raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+
+
+# No asyncio registration may outlive the fd it watches: a detach drops them first.
+_registry.ON_DETACH.append(_aio.wake_all)

@@ -14,7 +14,6 @@ import secrets
 from ._probe import PLATFORM, SEM_NAME_MAX
 
 PREFIX = "mpefd-"
-ID_LEN = 22
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 # Every file that belongs to some eventfd in the state directory, by kind.
 FILE_RE = re.compile(r"mpefd-([A-Za-z0-9_-]{22})(|\.lock|\.tmp)")

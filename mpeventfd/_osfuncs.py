@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 
-from . import _lifecycle
+from . import _registry
 from ._errors import oserror
 from ._eventfd import EFD_CLOEXEC, EventFD
 
@@ -46,7 +46,7 @@ def _resolve(fd: EventFD | int) -> EventFD:
         raise TypeError(f"fd must be an EventFD or an int, not {type(fd).__name__}")
     if fd < 0:
         raise ValueError("file descriptor cannot be a negative integer")
-    core = _lifecycle.by_fileno(fd)
+    core = _registry.current().by_fileno.get(fd)
     if core is None or core.closed:
         raise oserror(errno.EBADF, f"fd {fd} is not the fileno() of a live EventFD")
     return EventFD._from_core(core, owner=False)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TextIO
 
-from . import _core, _lifecycle, _names
+from . import _core, _liveness, _names, _registry
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def inspect(name: str, pids: set[int]) -> Info:
 
 def listing() -> list[Info]:
     """Every state file of this user, with its holders."""
-    names = sorted({name for name, kind in _lifecycle.entries() if kind == ""})
+    names = sorted({name for name, kind in _liveness.entries() if kind == ""})
     held = holders(names)
     return [inspect(n, held[n]) for n in names]
 
@@ -102,7 +102,7 @@ def ls_command(out: TextIO) -> int:
 
 
 def cleanup_command(out: TextIO, quiet: bool = False) -> int:
-    removed = _lifecycle.sweep(skip_attached=True)
+    removed = _registry.sweep(skip_attached=True)
     if not quiet:
         for name in removed:
             out.write(f"removed {name}\n")

@@ -20,7 +20,7 @@ import time
 from multiprocessing import reduction
 from typing import Any
 
-from . import _lifecycle, _names
+from . import _attach, _names
 from ._errors import StateError
 from ._eventfd import EventFD
 from ._probe import PLATFORM
@@ -69,7 +69,7 @@ def _rebuild(version: int, ident: bytes, *dups: Any) -> EventFD:
     except BaseException:
         _close_all(fds)
         raise
-    core = _lifecycle.attach(fds[0], fds[1], fds[2], expect=ident)
+    core = _attach.attach(fds[0], fds[1], fds[2], expect=ident)
     return EventFD._from_core(core)
 
 
@@ -143,7 +143,7 @@ def recv_eventfd(sock: socket.socket) -> EventFD:
     except BaseException:
         _close_all(fds)
         raise
-    core = _lifecycle.attach(fds[0], fds[1], fds[2], expect=ident)
+    core = _attach.attach(fds[0], fds[1], fds[2], expect=ident)
     return EventFD._from_core(core)
 
 
@@ -276,7 +276,7 @@ def from_handle(handle: str) -> EventFD:
     if max(fds) > 2**31 - 1:
         raise ValueError("fd number out of range in handle")
     ident = _names.decode(m.group(1))
-    core = _lifecycle.attach(fds[0], fds[1], fds[2], expect=ident, own=False)
+    core = _attach.attach(fds[0], fds[1], fds[2], expect=ident, own=False)
     efd = EventFD._from_core(core)
     efd.set_inheritable(False)
     core.arm()  # a handle's fds were inheritable: whoever else holds them may poll

@@ -12,23 +12,10 @@ from typing import Any
 
 import pytest
 
-from mpeventfd import _lifecycle, _names
+from figures import FIGURES, KILLED_STEPS
+from helpers import mpefd_entries, open_fds
+from mpeventfd import EventFD, _create, _names, _registry
 from mpeventfd._probe import PLATFORM
-
-# Figures the reliability tests produce, printed at the end of the run (README "Reliability").
-FIGURES: dict[str, list[float]] = {}
-
-
-KILLED_STEPS: set[str] = set()
-
-
-def record(name: str, value: float) -> None:
-    FIGURES.setdefault(name, []).append(value)
-
-
-def record_kill(step: str) -> None:
-    """A test SIGKILLed a process at the named ``step`` (README "Reliability")."""
-    KILLED_STEPS.add(step)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -76,49 +63,8 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     name: str = request.param
     if name == "robust" and not PLATFORM.robust_mutex:
         pytest.skip("no robust mutexes here")
-    monkeypatch.setattr(_lifecycle, "default_mutex", _lifecycle.LOCK_KINDS[name])
+    monkeypatch.setattr(EventFD, "_mutex_kind", _create.LOCK_KINDS[name])
     return name
-
-
-def mpefd_entries() -> set[str]:
-    """Every ``mpefd-`` name of this user in the state and semaphore directories."""
-    return {f"{name}{kind}" for name, kind in _lifecycle.entries()}
-
-
-def open_fds() -> set[int]:
-    """This process's open fds, without the one listdir used and multiprocessing's own."""
-    listed = {int(fd) for fd in os.listdir("/proc/self/fd")}
-    return {fd for fd in listed if _is_open(fd)} - infrastructure_fds()
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def infrastructure_fds() -> set[int]:
-    """fds that multiprocessing keeps for the life of the process once first used.
-
-    The forkserver's alive pipe, the resource tracker's pipe and the resource sharer's
-    listening socket are started on demand and never closed; they are not ours.
-    """
-    from multiprocessing import forkserver, resource_sharer, resource_tracker
-
-    fds: set[int] = set()
-    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    if alive is not None:
-        fds.add(alive)
-    tracker = getattr(resource_tracker._resource_tracker, "_fd", None)
-    if tracker is not None:
-        fds.add(tracker)
-    sharer = getattr(resource_sharer, "_resource_sharer", None)
-    listener = getattr(sharer, "_listener", None)
-    if listener is not None:
-        fds.add(listener._listener._socket.fileno())
-    return fds
 
 
 def _settle(before: set[str], deadline: float) -> set[str]:
@@ -176,5 +122,5 @@ def _describe(fd: int) -> str:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Belt and braces for the CI run: nothing of ours may survive the suite.
-    _lifecycle.sweep(skip_attached=False)
+    _registry.sweep(skip_attached=False)
     assert _names.PREFIX

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from conftest import record_kill
+from figures import record_kill
 from helpers import fork_child, reap, stats, wait_until
 from mpeventfd import EFD_SEMAPHORE, EventFD, _faults
 

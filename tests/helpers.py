@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from mpeventfd import _liveness
+
 FORK = multiprocessing.get_context("fork")
 TIMEOUT = 20.0
 
@@ -195,3 +197,47 @@ def reap_leftovers() -> list[int]:
             pass  # reaped elsewhere already
     FORKED.clear()
     return running
+
+
+# -- what the leak guard counts ---------------------------------------------------------------
+
+
+def mpefd_entries() -> set[str]:
+    """Every ``mpefd-`` name of this user in the state and semaphore directories."""
+    return {f"{name}{kind}" for name, kind in _liveness.entries()}
+
+
+def open_fds() -> set[int]:
+    """This process's open fds, without the one listdir used and multiprocessing's own."""
+    listed = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    return {fd for fd in listed if _is_open(fd)} - infrastructure_fds()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def infrastructure_fds() -> set[int]:
+    """fds that multiprocessing keeps for the life of the process once first used.
+
+    The forkserver's alive pipe, the resource tracker's pipe and the resource sharer's
+    listening socket are started on demand and never closed; they are not ours.
+    """
+    from multiprocessing import forkserver, resource_sharer, resource_tracker
+
+    fds: set[int] = set()
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive is not None:
+        fds.add(alive)
+    tracker = getattr(resource_tracker._resource_tracker, "_fd", None)
+    if tracker is not None:
+        fds.add(tracker)
+    sharer = getattr(resource_sharer, "_resource_sharer", None)
+    listener = getattr(sharer, "_listener", None)
+    if listener is not None:
+        fds.add(listener._listener._socket.fileno())
+    return fds

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from conftest import mpefd_entries, open_fds, record
-from helpers import python, shared_word
+from figures import record
+from helpers import mpefd_entries, open_fds, python, shared_word
 from mpeventfd import (
     MAX_VALUE,
     EventFD,

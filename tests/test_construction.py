@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import mpefd_entries, open_fds
+from helpers import mpefd_entries, open_fds
 from mpeventfd import EventFD, _core, _faults
 from mpeventfd._probe import PLATFORM
 

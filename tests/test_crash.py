@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from conftest import record, record_kill
 from crashkit import (
     SCENARIOS,
     Scenario,
@@ -30,6 +29,7 @@ from crashkit import (
     wake_when_blocked,
     write3,
 )
+from figures import record, record_kill
 from helpers import (
     LineReader,
     blocked_in_poll,
@@ -41,7 +41,7 @@ from helpers import (
     stats,
     wait_until,
 )
-from mpeventfd import EventFD, _core, _faults, _lifecycle
+from mpeventfd import EventFD, _core, _faults, _liveness, _registry
 from mpeventfd._probe import PLATFORM
 
 IDS = [s.id for s in SCENARIOS]
@@ -353,7 +353,7 @@ def test_kill_during_detach_of_the_last_holder(backend: str, step: str) -> None:
     assert killed(reap(pid))
     os.close(go_r)
     os.close(go_w)
-    _lifecycle.sweep()
+    _registry.sweep()
 
 
 @pytest.mark.parametrize(
@@ -363,13 +363,13 @@ def test_kill_during_creation_leaves_only_debris_cleanup_removes(
 ) -> None:
     # Without O_TMPFILE a dead creator leaves a temporary file, which the sweep removes once
     # it is free and older than TEMP_GRACE: the creator here is certainly dead.
-    monkeypatch.setattr(_lifecycle, "TEMP_GRACE", 0.0)
+    monkeypatch.setattr(_liveness, "TEMP_GRACE", 0.0)
     record_kill(step)
-    out = python(f"from mpeventfd import _faults, _lifecycle, EventFD\n"
-                 f"_lifecycle.default_mutex = {_lifecycle.default_mutex}\n"
+    out = python(f"from mpeventfd import _faults, EventFD\n"
+                 f"EventFD._mutex_kind = {EventFD._mutex_kind}\n"
                  f"_faults.arm({step!r}, 'kill')\nEventFD()\n")
     assert out.returncode == -signal.SIGKILL
-    _lifecycle.sweep()
+    _registry.sweep()
 
 
 @pytest.mark.skipif(PLATFORM.carrier != _core.CARRIER_PIPE,

@@ -17,12 +17,12 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import mpefd_entries
 from helpers import (
     FORK,
     finish,
     fork_child,
     forks_beside_threads,
+    mpefd_entries,
     python,
     reap,
     reaped,
@@ -30,7 +30,16 @@ from helpers import (
     wait_readable,
     wait_until,
 )
-from mpeventfd import EventFD, _core, _lifecycle, _names, from_handle, recv_eventfd, send_eventfd
+from mpeventfd import (
+    EventFD,
+    _core,
+    _create,
+    _names,
+    _registry,
+    from_handle,
+    recv_eventfd,
+    send_eventfd,
+)
 from mpeventfd._probe import PLATFORM
 
 LOCK_FILE = PLATFORM.carrier == _core.CARRIER_FILE
@@ -124,7 +133,7 @@ def test_creation_sweeps_debris_of_dead_processes() -> None:
     before = mpefd_entries()
     python("import os\nfrom mpeventfd import EventFD\nkeep = EventFD()\nos._exit(0)\n")
     assert len(mpefd_entries() - before) == NAMES_PER_EVENTFD
-    _lifecycle._last_sweep = 0.0  # let the next creation sweep now
+    _create._last_sweep = 0.0  # let the next creation sweep now
     with EventFD() as efd:
         assert mpefd_entries() - before == names_of(efd)
 
@@ -179,7 +188,7 @@ def _attach_detach_loop(sock: socket.socket, inherited: EventFD, rounds: int) ->
 
 def _cleanup_loop(stop: threading.Event) -> None:
     while not stop.is_set():
-        _lifecycle.sweep(skip_attached=False)
+        _registry.sweep(skip_attached=False)
 
 
 def test_cleanup_looping_while_8_processes_attach_and_detach() -> None:
@@ -413,12 +422,12 @@ def test_a_fork_child_lets_go_of_a_closed_cores_fds() -> None:
 FINALIZER_UNDER_LOCK = textwrap.dedent(
     """
     import gc, socket
-    from mpeventfd import EventFD, recv_eventfd, send_eventfd, _lifecycle
-    real = _lifecycle._check_kind
+    from mpeventfd import EventFD, recv_eventfd, send_eventfd, _attach
+    real = _attach._check_kind
     def check_then_collect(*args):
         real(*args)
         gc.collect()  # the cyclic GC runs here, with the registry lock held
-    _lifecycle._check_kind = check_then_collect
+    _attach._check_kind = check_then_collect
     garbage = [EventFD()]
     garbage.append(garbage)
     del garbage

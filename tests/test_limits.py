@@ -13,8 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import mpefd_entries, open_fds
-from helpers import fork_child, reap
+from helpers import fork_child, mpefd_entries, open_fds, reap
 from mpeventfd import EventFD
 
 

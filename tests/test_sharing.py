@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import open_fds
-from helpers import finish, python, reaped
+from helpers import finish, open_fds, python, reaped
 from mpeventfd import (
     EFD_SEMAPHORE,
     EventFD,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import open_fds
+from helpers import open_fds
 from mpeventfd import EventFD, _names, from_handle, recv_eventfd
 from mpeventfd._transfer import REST_TIMEOUT
 

@@ -273,7 +273,7 @@ def test_woken_readers_rarely_find_the_lock_still_held() -> None:
     """Posts come after the unlock: a woken reader should not have to sleep again on the
     lock.  (Posting inside the section made 37-52 % of them do so.)  The figure is
     reported at the end of the run; every token still arrives exactly once."""
-    from conftest import record
+    from figures import record
 
     with EventFD(0, EFD_SEMAPHORE) as efd:
         before = stats(efd)
