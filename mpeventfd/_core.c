@@ -301,6 +301,9 @@ struct Core {
     flight_t inflight;     /* calls in flight (enter_call .. leave_call) */
     _Atomic int closed, freed; /* close() was called; every resource is released */
     _Atomic int stuck;     /* try_read's last wait for the lock timed out (core_try_read) */
+    /* Counters for stats() (relaxed: nothing is ordered by them): try_read calls, and those
+     * of them that waited AIO_PATIENCE for the lock in vain, the event loop blocked meanwhile. */
+    _Atomic unsigned long try_reads, try_read_stalls;
     pthread_mutex_t state; /* close, reopen, free and a fork child's ensure_own, one at a time */
     int alone;             /* at free: no other attached process was left */
     _Atomic int saw_death; /* this process repaired after a holder died (lifecycle waits) */
@@ -2046,6 +2049,9 @@ static PyObject *core_try_read(Core *c, PyObject *unused)
     struct op o = {.c = c, .until = -1.0, .lock_until = stuck ? 0.0 : now() + AIO_PATIENCE};
     int r = handlers_after(&o, core_read(&o));
     atomic_store_explicit(&c->stuck, r == BUSY, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->try_reads, 1, memory_order_relaxed);
+    if (r == BUSY && !stuck)
+        atomic_fetch_add_explicit(&c->try_read_stalls, 1, memory_order_relaxed);
     leave_call(c, r);
     if (r == BUSY)
         return PyLong_FromLong(0);
@@ -2099,7 +2105,7 @@ static PyObject *core_stats(Core *c, PyObject *unused)
 #endif
     uint64_t wr = wp_load(c, READER), ww = wp_load(c, WRITER);
     PyObject *d = Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsisisi}",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsisisi}",
         "counter", (unsigned long long)atomic_load(&p->w.counter),
         "dirty", (unsigned long long)atomic_load(&p->w.dirty),
         "armed", (unsigned long long)atomic_load(&p->w.armed),
@@ -2114,6 +2120,8 @@ static PyObject *core_stats(Core *c, PyObject *unused)
         "woken_busy", (unsigned long long)atomic_load(&woken_busy),
         "looks", (unsigned long long)atomic_load(&looks),
         "looks_locked", (unsigned long long)atomic_load(&looks_locked),
+        "try_reads", (unsigned long long)atomic_load(&c->try_reads),
+        "try_read_stalls", (unsigned long long)atomic_load(&c->try_read_stalls),
         "slot", c->slot, "sem_r", sv[0], "sem_w", sv[1]);
     leave_call(c, DONE);
     return d;

@@ -7,7 +7,6 @@ ever running inside a critical section.  Everything else is here.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 from types import TracebackType
@@ -88,69 +87,33 @@ class EventFD(_core.Handle):
     # -- asyncio ----------------------------------------------------------------------------
 
     async def aread(self) -> int:
-        """``read()`` for asyncio: wait until readable without blocking the event loop.
+        """``read()`` for an event loop: wait until readable without blocking the loop.
 
-        Consumes per the mode, like :meth:`read`; never blocks, whatever the blocking mode
-        (once woken it may wait about 1 ms for the lock of a writer that is mid-transition,
-        and backs off on the loop beyond that, trying once at a time until the lock frees).
-        Several tasks (and several processes, each with its own loop) may wait on one
-        eventfd.  A cancelled call consumes nothing; closing the handle wakes its waiters
-        with ``OSError(EBADF)``.
+        Works under asyncio (uvloop included), trio, and anyio on either backend: the
+        running library is asked (sniffio).  Consumes per the mode, like :meth:`read`;
+        never blocks, whatever the blocking mode (once woken it may wait about 1 ms for the
+        lock of a writer that is mid-transition, and backs off on the loop beyond that).
+        Any number of tasks, in any number of processes, may wait on one eventfd; in
+        semaphore mode each token goes to one task.  A cancelled call consumes nothing;
+        closing the handle wakes its waiters with ``OSError(EBADF)``.
 
         Raises:
             OSError: ``EBADF`` if the handle is (or gets) closed.
         """
-        delay, woken = 0.0005, False
-        while True:
-            core = self._live()
-            try:
-                core.arm()  # (it waits for readability; one load once armed)
-            except BlockingIOError:  # the lock's holder is stopped: do not block the loop
-                await asyncio.sleep(0.02)
-                continue
-            # Woken, the counter may still read 0: the writer's pipe byte goes in before its
-            # commit, and the wake-up often preempts it in between.  Waiting again would
-            # poll the readable pipe until it runs; try_read sleeps on its lock instead.
-            if not woken and not core.peek():
-                reg, fut = _aio.waiter(core.fds[1])
-                try:
-                    await fut
-                except BaseException:  # cancelled, or the coroutine closed (GeneratorExit)
-                    _aio.cancelled(reg, fut)
-                    raise
-                woken = True
-                continue
-            woken = False
-            try:
-                got: int = core.try_read()
-            except BlockingIOError:  # 0 under the lock: another reader was first
-                continue
-            if got:
-                return got
-            # The lock stayed busy (its holder is stopped, or starved of CPU): never block
-            # the loop for longer; try again shortly (try_read now tries once only).
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.02)
+        return await _aio.aread(self._live)
 
     async def awrite(self, value: int = 1) -> None:
-        """``write()`` for asyncio: never blocks the event loop.
+        """``write()`` for an event loop (asyncio, trio, anyio): never blocks the loop.
 
         A write that fits completes at once.  One that does not (the counter near
         ``MAX_VALUE``) retries with a back-off of up to 50 ms: a pipe read end cannot
-        report room for writing (no POLLOUT), so there is nothing to wait on.
+        report room for writing (no POLLOUT), so there is nothing to wait on.  A cancelled
+        call adds nothing.
 
         Raises:
             as :meth:`write`.
         """
-        delay = 0.0005
-        while True:
-            try:
-                if self._live().try_write(value):
-                    return
-            except BlockingIOError:
-                pass
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        await _aio.awrite(self._live, value)
 
     # -- modes ------------------------------------------------------------------------------
 
