@@ -45,15 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(done) and len(done) == len(args.names) else 1
 
     if args.command == "demo":
-        from ._demo import run
+        from ._cli.demo import run
 
         return run()
     if args.command == "bench":
-        from ._bench import run as bench_run
+        from ._cli.bench import run as bench_run
 
         return bench_run(quick=args.quick, json_path=args.json, plot_path=args.plot,
                          only=args.only)
-    from ._tools import cleanup_command, ls_command
+    from ._cli.tools import cleanup_command, ls_command
 
     if args.command == "ls":
         return ls_command(sys.stdout)

@@ -12,11 +12,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from mpeventfd._bench import BEST, MEDIAN, SIZES, Result
+from mpeventfd._cli.bench import BEST, MEDIAN, SIZES, Result
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,7 @@ def test_quick_bench_reports_every_chosen_workload(tmp_path: Path) -> None:
     assert list(results) == ["P2", "P7", "P8", "C"]
     p2 = results["P2"]
     reps = SIZES["P2"][1][0]
-    assert set(p2["samples"]) == {"mpeventfd", "os.eventfd", "os.pipe"}
+    assert set(p2["samples"]) - {"iceoryx2"} == {"mpeventfd", "os.eventfd", "os.pipe"}
     assert all(len(s) == reps for s in p2["samples"].values())
     assert p2["stat"] == BEST
     assert p2["values"]["mpeventfd"] == min(p2["samples"]["mpeventfd"])
@@ -68,7 +69,7 @@ def test_quick_bench_reports_every_chosen_workload(tmp_path: Path) -> None:
 def test_p9_judges_every_row_of_every_n(monkeypatch: pytest.MonkeyPatch) -> None:
     """P9 runs both kinds at each N and reports idle CPU, hand-off p99 and CPU per token,
     each with its own verdict (a small N here: the row's arithmetic, not its figures)."""
-    from mpeventfd import _bench
+    from mpeventfd._cli import bench as _bench
 
     monkeypatch.setattr(_bench, "SCALE_N", (4,))
     monkeypatch.setattr(_bench, "IDLE_TARGET", {4: 0.02})
@@ -82,3 +83,52 @@ def test_p9_judges_every_row_of_every_n(monkeypatch: pytest.MonkeyPatch) -> None
     assert p99.ratio == pytest.approx(p99.ratio_of("mpeventfd", "os.eventfd"))
     assert cpu.verdict == "INFO"
     assert res.verdict == ("MISS" if "MISS" in (idle.verdict, p99.verdict) else "PASS")
+
+
+def _bench(args: list[str], prelude: str = "") -> tuple[int, str, str, int]:
+    """Run the command line in a fresh interpreter: (status, stdout, stderr, its pid)."""
+    code = f"{prelude}import sys\nfrom mpeventfd.__main__ import main\nsys.exit(main({args!r}))"
+    with subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err, proc.pid
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the baselines need os.eventfd")
+def test_iceoryx2_runs_beside_mpeventfd_where_its_api_fits_and_leaves_nothing(
+        tmp_path: Path) -> None:
+    pytest.importorskip("iceoryx2", reason="the peers extra is not installed")
+    from mpeventfd._cli.peers import prefix
+
+    out = tmp_path / "bench.json"
+    status, _, err, pid = _bench(["bench", "--quick", "--only", "P1,P2,P3,P4", "--json",
+                                  str(out)])
+    assert status == 0, err
+    report = json.loads(out.read_text())
+    assert report["machine"]["iceoryx2"] not in ("not installed", "?")
+    results = {r["id"]: r for r in report["results"]}
+    for wid in ("P1", "P2", "P3"):
+        samples = results[wid]["samples"]["iceoryx2"]
+        assert len(samples) == SIZES[wid][1][0]
+        assert all(s > 0 for s in samples)
+        assert "x iceoryx2" in results[wid]["note"]
+    assert "iceoryx2" not in results["P4"]["samples"]  # (not a counting event: peers.py)
+    # Everything it made lived under a private root and prefix, removed after each run.
+    left = [os.path.join(d, e) for d in {tempfile.gettempdir(), "/tmp"} for e in os.listdir(d)
+            if e.startswith(prefix(pid))]
+    if os.path.isdir("/dev/shm"):
+        left += [e for e in os.listdir("/dev/shm") if e.startswith(prefix(pid))]
+    assert not left
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the baselines need os.eventfd")
+def test_without_iceoryx2_its_rows_say_it_is_not_installed() -> None:
+    # (None in sys.modules makes the import fail exactly as a missing package does)
+    status, out, err, _ = _bench(["bench", "--quick", "--only", "P1,P8"],
+                                 prelude="import sys\nsys.modules['iceoryx2'] = None\n")
+    assert status == 0, err
+    p1 = next(line for line in out.splitlines() if line.startswith("P1 "))
+    p8 = next(line for line in out.splitlines() if line.startswith("P8 "))
+    assert "not installed" in p1
+    assert "not installed" not in p8
+    assert "iceoryx2 not installed (pip install 'mpeventfd[peers]')" in out

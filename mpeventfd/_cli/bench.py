@@ -14,6 +14,10 @@ advises, for every implementation alike (the median is in the JSON output too). 
 workloads of several processes measure what scheduling and wake-ups make of it, disturbance
 included: they take medians, and their ratio is the median of per-repetition ratios (two
 samples taken back to back see the same phase of the machine).
+
+The strongest peers run beside the baselines where their API fits the workload: iceoryx2
+in P1, P2 and P3 when it is installed (``pip install 'mpeventfd[peers]'``), and its column
+says "not installed" when it is not (``peers.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from . import _benchwork as work
-from ._core import SIZE
-from ._probe import PLATFORM
+from .._core import SIZE
+from .._probe import PLATFORM
+from . import benchwork as work
+from . import peers
 
 HAS_EVENTFD = hasattr(os, "eventfd")
+HAS_ICEORYX2 = peers.AVAILABLE
+PEER_WORKLOADS = ("P1", "P2", "P3")  # where iceoryx2's API fits (peers.py says why)
 BEST, MEDIAN = "best", "median"
 
 
@@ -166,9 +173,10 @@ def p1(reps: int, n: int) -> Result:
         "mpeventfd": work.write_loop(n),
         "os.eventfd": work.kernel_write_loop(n) if HAS_EVENTFD else None,
         "os.pipe": work.pipe_write_loop(n),
+        "iceoryx2": peers.notify_loop(n) if HAS_ICEORYX2 else None,
     }), reps)
-    return _judge(Result("P1", "write(1) while counter > 0, one process", "µs/op",
-                         "<= 0.2x", samples=samples, stat=BEST), 0.2)
+    return _peer_note(_judge(Result("P1", "write(1) while counter > 0, one process", "µs/op",
+                                    "<= 0.2x", samples=samples, stat=BEST), 0.2))
 
 
 def p2(reps: int, n: int) -> Result:
@@ -176,9 +184,10 @@ def p2(reps: int, n: int) -> Result:
         "mpeventfd": work.pair_loop(n),
         "os.eventfd": work.kernel_pair_loop(n) if HAS_EVENTFD else None,
         "os.pipe": work.pipe_pair_loop(n),
+        "iceoryx2": peers.pair_loop(n) if HAS_ICEORYX2 else None,
     }), reps)
-    return _judge(Result("P2", "write(1) + read() pair, readiness not armed", "µs/pair",
-                         "<= 0.35x", samples=samples, stat=BEST), 0.35)
+    return _peer_note(_judge(Result("P2", "write(1) + read() pair, readiness not armed",
+                                    "µs/pair", "<= 0.35x", samples=samples, stat=BEST), 0.35))
 
 
 def p2_armed(reps: int, n: int) -> Result:
@@ -198,6 +207,7 @@ def p3(reps: int, n: int) -> Result:
         "os.pipe": work.pingpong("os.pipe", n),
         "mp.Semaphore": work.pingpong("mp.Semaphore", n),
         "mp.Pipe": work.pingpong("mp.Pipe", n),
+        "iceoryx2": peers.pingpong(n) if HAS_ICEORYX2 else None,
     }), reps)
     res = _judge(Result("P3", "blocking ping-pong between 2 processes", "µs/round trip",
                         "<= 1.1x eventfd and pipe", samples=samples), 1.1)
@@ -210,6 +220,16 @@ def p3(reps: int, n: int) -> Result:
     res.note = f"{pipe_ratio:.2f}x the pipe; per repetition (µs, mpeventfd/{base}): {each}"
     if pipe_ratio > 1.1:
         res.verdict = "MISS"
+    return _peer_note(res)
+
+
+def _peer_note(res: Result) -> Result:
+    """Say how mpeventfd compares with iceoryx2, or that iceoryx2 is not installed."""
+    if "iceoryx2" in res.samples:
+        text = f"{res.ratio_of('mpeventfd', 'iceoryx2'):.2f}x iceoryx2"
+    else:
+        text = f"iceoryx2 not installed ({peers.INSTALL})"
+    res.note = f"{text}; {res.note}" if res.note else text
     return res
 
 
@@ -482,13 +502,16 @@ def _print_line(res: Result) -> None:
 
 def _print_table(results: list[Result], machine: dict[str, Any]) -> None:
     """The summary table: plain text (rich draws it when installed)."""
-    head = ("id", "workload", "statistic", "mpeventfd", "os.eventfd", "os.pipe", "ratio",
-            "target", "verdict")
+    head = ("id", "workload", "statistic", "mpeventfd", "os.eventfd", "os.pipe", "iceoryx2",
+            "ratio", "target", "verdict")
     rows = []
     for r in (x for res in results for x in ((res, *res.tail) if res.id == "P9" else (res,))):
         get = r.values.get
         cells = [_fmt(v, r.unit) if v is not None else "-"
-                 for v in (get("mpeventfd"), get("os.eventfd"), get("os.pipe"))]
+                 for v in (get("mpeventfd"), get("os.eventfd"), get("os.pipe"),
+                           get("iceoryx2"))]
+        if r.id in PEER_WORKLOADS and not HAS_ICEORYX2:
+            cells[-1] = "not installed"
         stat = r.statistic.split(",")[0]
         rows.append((r.id, r.title[:44], stat, *cells, _ratio_text(r), r.target, r.verdict))
     title = f"mpeventfd vs baselines (µs; ratio = mpeventfd / os.eventfd) on {machine['summary']}"
@@ -522,7 +545,8 @@ def _machine() -> dict[str, Any]:
         pass
     info = {"python": sys.version.split()[0], "platform": platform.platform(),
             "cpu": cpu, "cpus": os.cpu_count(), "start_method": multiprocessing.get_start_method(),
-            "lock": "robust mutex" if PLATFORM.mutex_kind == 1 else "kernel byte lock"}
+            "lock": "robust mutex" if PLATFORM.mutex_kind == 1 else "kernel byte lock",
+            "iceoryx2": peers.iceoryx2_version() or "not installed"}
     info["summary"] = (f"{info['cpus']} x {info['cpu']}, {info['platform']}, "
                        f"Python {info['python']}, {info['lock']}")
     return info

@@ -17,8 +17,9 @@ import struct
 import time
 from collections.abc import Callable
 
-from . import _core, _create
-from ._eventfd import EFD_SEMAPHORE, EventFD
+from mpeventfd import EFD_SEMAPHORE, EventFD
+
+from .. import _core, _create
 
 Timer = Callable[[], float]
 _clock = time.perf_counter

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any, TextIO
 
-from ._eventfd import EFD_SEMAPHORE, EventFD
+from mpeventfd import EFD_SEMAPHORE, EventFD
 
 PRODUCERS = 4
 WRITES_PER_PRODUCER = 1500
@@ -132,6 +132,14 @@ def _ping(read: Callable[[], int], write: Callable[[int], None], n: int) -> list
     return samples
 
 
+def micros(us: float) -> str:
+    """A latency for people: whole µs from 10 up, one decimal below (a sub-µs figure shown
+    as "0 µs" reads as "not measured"), two below 0.1."""
+    if us >= 10:
+        return f"{us:,.0f} µs"
+    return f"{us:.1f} µs" if us >= 0.1 else f"{us:.2f} µs"
+
+
 def _mp_pair(a: EventFD, b: EventFD) -> Callable[[], Ends]:
     def make() -> Ends:
         return a.read, b.write
@@ -158,17 +166,18 @@ def latency(ctx: Any, progress: Progress) -> Row:
             if kernel:
                 kernel[3]()
     p50, p99 = _percentiles(ours)
-    text = f"mpeventfd: p50 {p50:.0f} µs, p99 {p99:.0f} µs one way ({PINGS} round trips)"
+    text = f"mpeventfd: p50 {micros(p50)}, p99 {micros(p99)} one way ({PINGS} round trips)"
     notes = []
     if theirs:
         k50, k99 = _percentiles(theirs)
-        text += (f"; os.eventfd, in turns with it: p50 {k50:.0f} µs, p99 {k99:.0f} µs.  "
+        text += (f"; os.eventfd, in turns with it: p50 {micros(k50)}, p99 {micros(k99)}.  "
                  "The kernel's figure depends on how deeply idle CPUs sleep (a partner woken "
                  "from a deep idle state takes tens of µs); a blocking mpeventfd read watches "
                  "the counter for 10 µs first, so this partner rarely sleeps at all")
-        notes.append(f"os.eventfd p50 {k50:.0f} µs, p99 {k99:.0f} µs")
+        notes.append(f"os.eventfd p50 {micros(k50)}, p99 {micros(k99)}")
     progress.done(text)
-    return Row("latency", 2, f"{PINGS} round trips", True, f"{p50:.0f} / {p99:.0f} µs", notes)
+    return Row("latency", 2, f"{PINGS} round trips", True, f"{micros(p50)} / {micros(p99)}",
+               notes)
 
 
 def _kernel_partner() -> tuple[int, Callable[[], int], Callable[[int], None],

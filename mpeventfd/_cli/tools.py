@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TextIO
 
-from . import _core, _liveness, _names, _registry
+from .. import _core, _liveness, _names, _registry
 
 
 @dataclass(frozen=True)
