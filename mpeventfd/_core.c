@@ -269,6 +269,7 @@ static _Atomic uint64_t woken_busy;    /* ... after which the lock was still hel
 static _Atomic uint64_t looks;         /* expired wait steps that looked (stats) */
 static _Atomic uint64_t looks_locked;  /* ... and then took the lock (stats) */
 static _Atomic int64_t spin_ns;        /* the read spin, in ns (0: none) */
+static _Atomic int64_t step_ns = (int64_t)(STEP_OTHER * 1e9); /* other waiters' step (_step) */
 static int lock_cpus = 1;              /* CPUs we may run on, set at import: no spinning on one */
 
 /* Calls in flight on a core: with the GIL a plain count, which only the GIL holder changes;
@@ -1191,7 +1192,8 @@ static int between_steps(struct op *o)
  * coarser one would make longer bursts, each of which delays whatever the CPUs had to do. */
 static int wait_post(struct op *o)
 {
-    double step = (o->signals ? STEP_MAIN : STEP_OTHER) - STEP_GRID;
+    double other = (double)atomic_load_explicit(&step_ns, memory_order_relaxed) * 1e-9;
+    double step = (o->signals ? STEP_MAIN : other) - STEP_GRID;
     for (;;) {
         double t = now(), grid = ceil((t + step) / STEP_GRID) * STEP_GRID;
         double stop = grid < o->until ? grid : o->until;
@@ -2637,6 +2639,21 @@ static PyObject *mod_spin(PyObject *mod, PyObject *arg)
     return PyFloat_FromDouble((double)old * 1e-9);
 }
 
+/* _step(seconds): the wait step of threads other than the main one (tests only: a test that
+ * must tell a post from a step's look makes the steps outlast it).  Taken at a wait's start;
+ * relaxed: a wait that starts with the old step is as correct, only sooner to look. */
+static PyObject *mod_step(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    double t = PyFloat_AsDouble(arg);
+    if (t == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!(t >= 2 * STEP_GRID && t <= 86400))
+        return PyErr_Format(PyExc_ValueError, "step must be within 20 ms..1 day");
+    int64_t old = atomic_exchange(&step_ns, (int64_t)(t * 1e9 + 0.5));
+    return PyFloat_FromDouble((double)old * 1e-9);
+}
+
 static PyObject *mod_disarm(PyObject *mod, PyObject *unused)
 {
     (void)mod;
@@ -2652,6 +2669,7 @@ static PyMethodDef module_methods[] = {
     {"_arm", mod_arm, METH_VARARGS, "Arm a fault at a named step (tests only)."},
     {"_disarm", mod_disarm, METH_NOARGS, "Disarm the fault hook."},
     {"_spin", mod_spin, METH_O, "Set the read spin (seconds); returns the old one."},
+    {"_step", mod_step, METH_O, "Set other threads' wait step (seconds; tests only)."},
     {NULL}};
 
 /* -- the module: multi-phase init, module state, no GIL ------------------------------------- */

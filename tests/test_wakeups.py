@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import FORK, finish, fork_child, reap, reaped, start, stats, wait_until
-from mpeventfd import EFD_SEMAPHORE, MAX_VALUE, EventFD, _faults
+from mpeventfd import EFD_SEMAPHORE, MAX_VALUE, EventFD, _core, _faults
 
 W_PR, W_WR, W_WW = "posted_r", "waiting_r", "waiting_w"
 
@@ -203,30 +203,48 @@ def test_a_stopped_registered_reader_does_not_pile_up_posts(backend: str) -> Non
 
 
 def test_readers_and_writers_never_steal_each_others_posts(backend: str) -> None:
-    """Readers and writers sleep on separate semaphores: a read that makes room wakes the
-    writer at once, and the writer's commit wakes the reader at once."""
-    with EventFD(10) as efd:
-        events: dict[str, float] = {}
+    """Readers and writers sleep on separate semaphores: a read that makes room posts the
+    blocked writer, and the writer's commit posts the reader blocked at 0.  The threads'
+    wait steps outlast the test, so a wake-up that was not a post would wait out the whole
+    deadline and leave `woken` one short: ordered by registrations and a gate, no clock
+    read (a loaded 2-core machine once kept a posted reader off the CPU for 101 ms)."""
+    gate_r, gate_w = os.pipe()
+    old_step = _core._step(3600.0)
+    try:
+        with EventFD(10) as efd:
+            got: dict[str, int] = {}
 
-        def writer() -> None:
-            efd.write(2**64 - 11, timeout=20)  # needs counter <= 9
-            events["writer"] = time.monotonic()
+            def writer() -> None:
+                efd.write(2**64 - 11, timeout=10)  # needs counter <= 9
+                got["writer"] = 1
 
-        def reader() -> None:
-            events["reader"] = time.monotonic() if efd.read(timeout=20) else 0.0
+            def reader() -> None:
+                got["reader"] = efd.read(timeout=10)
 
-        w = threading.Thread(target=writer)
-        w.start()
-        wait_until(lambda: header(efd, W_WW) == 1)
-        assert efd.read() == 10  # the writer becomes eligible
-        eligible = time.monotonic()
-        r = threading.Thread(target=reader)
-        r.start()  # blocks at 0 or reads the writer's value, whichever comes first
-        w.join(20)
-        r.join(20)
-        assert events["writer"] - eligible < 0.05
-        assert events["reader"] - events["writer"] < 0.05
-        assert efd.peek() in (0, 2**64 - 11)
+            before = stats(efd)
+            w = threading.Thread(target=writer)
+            w.start()
+            wait_until(lambda: header(efd, W_WW) == 1)
+            _faults.arm("wait.woken", f"block:{gate_r}")  # the posted writer waits at the gate
+            assert efd.read() == 10  # makes room: the writer's post
+            wait_until(lambda: stats(efd)["woken"] == before["woken"] + 1)
+            r = threading.Thread(target=reader)
+            r.start()
+            wait_until(lambda: header(efd, W_WR) == 1)  # the reader sleeps at 0
+            os.write(gate_w, b"x")  # the writer commits: its section posts the reader
+            w.join(20)
+            r.join(20)
+            after = stats(efd)
+            assert got == {"writer": 1, "reader": 2**64 - 11}
+            assert after["woken"] - before["woken"] == 2  # both woke by a post, none by a step
+            assert after["looks_locked"] == before["looks_locked"]
+            assert (after["sem_r"], after["sem_w"]) == (0, 0)  # no post went astray
+            assert efd.peek() == 0
+    finally:
+        _faults.disarm()
+        _core._step(old_step)
+        os.close(gate_r)
+        os.close(gate_w)
 
 
 def _wait_briefly(efd: EventFD, rounds: int) -> int:
