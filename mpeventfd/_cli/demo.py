@@ -112,14 +112,12 @@ def fan_in(ctx: Any, progress: Progress) -> Row:
 
 # -- act 2: latency -------------------------------------------------------------------------
 
-Ends = tuple[Callable[[], int], Callable[[int], None]]
-
-
-def _ponger(make: Callable[[], Ends], n: int) -> None:
-    read, write = make()
+def _ponger(inbox: EventFD, outbox: EventFD, n: int) -> None:
+    # A module-level target with the eventfds as arguments: under spawn and forkserver
+    # (the default from 3.14) the target and its arguments are pickled.
     for _ in range(n):
-        stamp = read()
-        write(stamp & 0xFFFF_FFFF)
+        stamp = inbox.read()
+        outbox.write(stamp & 0xFFFF_FFFF)
 
 
 def _ping(read: Callable[[], int], write: Callable[[int], None], n: int) -> list[float]:
@@ -140,18 +138,12 @@ def micros(us: float) -> str:
     return f"{us:.1f} µs" if us >= 0.1 else f"{us:.2f} µs"
 
 
-def _mp_pair(a: EventFD, b: EventFD) -> Callable[[], Ends]:
-    def make() -> Ends:
-        return a.read, b.write
-    return make
-
-
 BLOCK = 20  # round trips per turn: the two ping-pongs take turns, so both see the same machine
 
 
 def latency(ctx: Any, progress: Progress) -> Row:
     with EventFD() as a, EventFD() as b:
-        p = ctx.Process(target=_ponger, args=(_mp_pair(a, b), PINGS))
+        p = ctx.Process(target=_ponger, args=(a, b, PINGS))
         p.start()
         kernel = _kernel_partner()
         ours: list[float] = []
