@@ -7,7 +7,10 @@ A detach's liveness test fails while some fd of the eventfd exists elsewhere.  E
   first and doubling up to 1 s (a fork + exec in another thread holds copies of our fds for
   an instant; a peer that died is gone from the kernel's lock tables a few milliseconds
   after its death woke us);
-* at exit, :meth:`Janitor.finish` retests once more and, for a name whose liveness a death
+* at exit, :meth:`Janitor.stop` first ends the thread's work, so that nothing of it is cut
+  off half-done (daemon threads are frozen, not finished, when the interpreter exits: one
+  stopped between unlinking a name's semaphores and its state file left the rest behind);
+  then :meth:`Janitor.finish` retests once more and, for a name whose liveness a death
   may still be holding (this process's core repaired after a peer died inside the lock, or
   no other process was attached), waits out the dying peer for up to ``EXIT_PATIENCE``
   without the GIL (``time.sleep``) or any lock of ours; what is left then goes to a reaper
@@ -31,6 +34,7 @@ from . import _liveness
 FIRST_RETEST = 0.005
 LAST_RETEST = 1.0
 EXIT_PATIENCE = 1.0
+STOP_PATIENCE = 5.0  # for the thread's step in progress: a retest, or a release under the lock
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Janitor:
         self.pending: dict[str, Pending] = {}
         self.deferred: collections.deque[object] = collections.deque()
         self.thread: threading.Thread | None = None
+        self.stopped = False  # the exit took over: no thread any more
         self.apply_release = apply_release
 
     def add(self, name: str, alone: bool, saw_death: bool) -> None:
@@ -60,6 +65,8 @@ class Janitor:
             self.pending[name] = Pending(time.monotonic() + FIRST_RETEST, FIRST_RETEST,
                                          alone, saw_death)
             self._wake()
+        if self.stopped:  # a handle closed after the exit's own pass: see it through now
+            self.finish()
 
     def defer(self, core: object) -> None:
         """A release that a finalizer could not make: the janitor makes it."""
@@ -71,7 +78,7 @@ class Janitor:
         """Wake the thread, or start one (the lock is held: a thread that is ending has
         already let go of ``self.thread``, under this same lock, so none is ever missed)."""
         self.cond.notify()
-        if self.thread is not None:
+        if self.thread is not None or self.stopped:
             return
         thread = threading.Thread(target=self._run, name="mpeventfd-janitor", daemon=True)
         try:
@@ -83,9 +90,10 @@ class Janitor:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.deferred:
-                    if not self.pending:
-                        self.thread = None  # (decided under the lock: see _wake)
+                while not self.deferred or self.stopped:
+                    if not self.pending or self.stopped:
+                        self.thread = None  # (decided under the lock: see _wake, stop)
+                        self.cond.notify_all()
                         return
                     wait = min(p.due for p in self.pending.values()) - time.monotonic()
                     if wait <= 0:
@@ -95,6 +103,8 @@ class Janitor:
                 due = [name for name, p in self.pending.items() if p.due <= now]
             self.apply_deferred()
             for name in due:
+                if self._stopping():
+                    break
                 gone = _liveness.retest(name)
                 with self.cond:
                     p = self.pending.get(name)
@@ -106,6 +116,9 @@ class Janitor:
                         p.interval = min(p.interval * 2, LAST_RETEST)
                         p.due = time.monotonic() + p.interval
 
+    def _stopping(self) -> bool:
+        return self.stopped  # (set by stop() in another thread at any moment)
+
     def apply_deferred(self) -> None:
         while True:
             try:
@@ -113,6 +126,19 @@ class Janitor:
             except IndexError:
                 return
             self.apply_release(core)
+
+    def stop(self) -> None:
+        """At exit, before :meth:`finish`: let the thread end the step it is in (a release
+        or a removal cut off half-done leaves names behind), and start no other."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+            deadline = time.monotonic() + STOP_PATIENCE
+            while self.thread is not None and self.thread is not threading.current_thread():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break  # (stuck on the registry's lock: finish() goes on regardless)
+                self.cond.wait(left)
 
     def finish(self) -> None:
         """At exit: retest every pending name; wait out dying peers; a reaper for the rest."""

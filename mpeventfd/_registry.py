@@ -159,6 +159,7 @@ class Registry:
         """Interpreter exit (also a multiprocessing child's exit): detach everything, then
         see every pending name through (:meth:`Janitor.finish`).  Cores in which a thread
         still waits stay: their last call frees them, or the exit does."""
+        self.janitor.stop()
         self.janitor.apply_deferred()
         with self.lock:
             freed = [(core, self._detach_locked(core)) for core in list(self.cores.values())]

@@ -34,6 +34,7 @@ from mpeventfd import (
     EventFD,
     _core,
     _create,
+    _faults,
     _names,
     _registry,
     from_handle,
@@ -390,33 +391,46 @@ def test_an_attach_revives_a_closing_core_instead_of_building_a_second() -> None
 def test_a_fork_child_lets_go_of_a_closed_cores_fds() -> None:
     """A core kept only by another thread's call: the child has no such thread, so it
     closes its copies at once (else it would pin the parent's names)."""
-    efd = EventFD(0)
-    core = efd._core
-    assert core is not None
-    pipe = os.fstat(efd.fileno())
-    t = threading.Thread(target=lambda: efd.read(timeout=5))
-    t.start()
-    wait_until(lambda: stats(efd)["waiting_r"] == 1)
-    efd.close()
-    assert core.closed
-    assert not core.freed
+    gate_r, gate_w = os.pipe()
+    old_step = _core._step(3600.0)  # the reader comes back by the post alone
+    try:
+        efd = EventFD(0)
+        core = efd._core
+        assert core is not None
+        pipe = os.fstat(efd.fileno())
+        t = threading.Thread(target=lambda: efd.read(timeout=20))
+        t.start()
+        wait_until(lambda: stats(efd)["waiting_r"] == 1)
+        efd.close()
+        assert core.closed
+        assert not core.freed
 
-    def child() -> int:
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                st = os.stat(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (pipe.st_dev, pipe.st_ino):
-                return 1  # a copy of the pipe (an end, or the private description)
-        return 0
+        def child() -> int:
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    st = os.stat(f"/proc/self/fd/{fd}")
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (pipe.st_dev, pipe.st_ino):
+                    return 1  # a copy of the pipe (an end, or the private description)
+            return 0
 
-    assert reap(fork_child(child)) == 0
-    writer = EventFD._from_core(core, owner=False)  # write through the core the waiter uses
-    core.reopen()
-    writer.write(1)
-    core.close()
-    t.join(10)
+        assert reap(fork_child(child)) == 0
+        writer = EventFD._from_core(core, owner=False)  # write through the waiter's core
+        core.reopen()
+        # The woken reader waits at the gate, so its call, not our close, is the last one
+        # out and frees the core (a close() that freed it would leave the names to us).
+        _faults.arm("wait.woken", f"block:{gate_r}")
+        writer.write(1)
+        assert not core.close()
+        os.write(gate_w, b"x")
+        t.join(20)
+        assert core.freed
+    finally:
+        _faults.disarm()
+        _core._step(old_step)
+        os.close(gate_r)
+        os.close(gate_w)
 
 
 FINALIZER_UNDER_LOCK = textwrap.dedent(
@@ -447,6 +461,35 @@ FINALIZER_UNDER_LOCK = textwrap.dedent(
 def test_a_finalizer_under_the_registry_lock_does_not_deadlock() -> None:
     out = python(FINALIZER_UNDER_LOCK, timeout=30)
     assert "no deadlock" in out.stdout, out.stderr
+
+
+DEFERRED_AT_EXIT = textwrap.dedent(
+    """
+    import threading
+    from mpeventfd import EventFD, _faults, _registry
+    reached = threading.Event()
+    def slow_step(step):
+        reached.set()
+        threading.Event().wait(1.0)  # a release that takes a while (a busy machine)
+    efd = EventFD()
+    print(efd.handle.split(":")[1], flush=True)
+    _faults.arm("detach.closed", slow_step)
+    with _registry.current().lock:
+        del efd  # the finalizer cannot take the lock: the janitor thread releases it
+    assert reached.wait(10)
+    # exits now, with the janitor between closing the fds and removing the names
+    """
+)
+
+
+def test_the_exit_waits_for_a_release_the_janitor_has_begun() -> None:
+    """A release the janitor thread has begun when the interpreter exits is finished, not
+    cut off: daemon threads are frozen at exit, and one frozen between closing the fds and
+    removing the names left them in /dev/shm (the test above caught it now and then)."""
+    out = python(DEFERRED_AT_EXIT)
+    assert out.returncode == 0, out.stderr
+    name = out.stdout.strip()
+    assert not any(name in entry for entry in mpefd_entries())
 
 
 REAPED = textwrap.dedent(
