@@ -1,4 +1,4 @@
-"""Every script in ``examples/`` runs to exit 0 within 5 s and leaves nothing behind.
+"""Every script in ``examples/`` runs to exit 0 on a bounded budget and leaves nothing behind.
 
 The scripts are found by glob, so a new example is covered as soon as it is added.  Each
 runs in a fresh interpreter; the leak guard then checks that no ``mpefd-`` name it created
@@ -8,33 +8,48 @@ survives it (its children included).
 from __future__ import annotations
 
 import ast
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
-LIMIT = 5.0  # seconds, per example
+LIMIT = 5.0  # CPU seconds per example, its children included (each uses well under 1 s)
+HANG = 20.0  # wall-clock seconds: only a hang guard (as before: 4 x 5 s)
 
 
 def test_the_examples_are_there() -> None:
     assert len(EXAMPLES) >= 8, [p.name for p in EXAMPLES]
 
 
+def _children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_runs_clean_within_5_s(path: Path) -> None:
-    t0 = time.monotonic()
+    """Exit 0, a result printed, nothing on stderr, at most 5 s of CPU.
+
+    An example bounds each of its own waits (a read's timeout, ``join``, ``wait_for``) and
+    exits non-zero when one runs out, so a wake-up that never comes fails it by its exit
+    code; ``HANG`` catches a hang outside them.  The budget is CPU time (the example's and
+    its reaped children's: ``RUSAGE_CHILDREN``), which a busy loop spends and a run queue
+    does not: beside four busy loops on two cores ``spawn_forkserver_args.py`` took 4.0 s
+    of wall clock (the 5 s this bound once was) for 0.65 s of CPU.
+    """
+    cpu0 = _children_cpu()
     done = subprocess.run(
         [sys.executable, str(path)], cwd=EXAMPLES_DIR.parent, capture_output=True,
-        text=True, timeout=4 * LIMIT,
+        text=True, timeout=HANG,
     )
-    elapsed = time.monotonic() - t0
-    report = f"exit {done.returncode} after {elapsed:.2f} s\n{done.stdout}\n{done.stderr}"
+    cpu = _children_cpu() - cpu0
+    report = f"exit {done.returncode} after {cpu:.2f} s of CPU\n{done.stdout}\n{done.stderr}"
     assert done.returncode == 0, report
-    assert elapsed < LIMIT, report
+    assert cpu < LIMIT, report
     assert done.stdout.strip(), "an example prints its result"
     assert not done.stderr.strip(), report
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 import mpeventfd
+from helpers import stats
 from mpeventfd import (
     EFD_CLOEXEC,
     EFD_NONBLOCK,
@@ -179,29 +180,55 @@ def test_r11_nonblocking_read_at_zero() -> None:
 
 @pytest.mark.parametrize("flags", [0, EFD_SEMAPHORE])
 def test_timeout_zero_never_waits(flags: int) -> None:
+    """``timeout=0`` is non-blocking: BlockingIOError without ever registering as a waiter.
+
+    A process claims its waiter slot in the eventfd's page at its first wait and keeps it,
+    and nothing waits unregistered: a slot still -1 after both calls proves that neither
+    waited, without a clock (a wall-clock bound failed on a loaded machine)."""
     with EventFD(0, flags) as efd:
-        t0 = time.monotonic()
         with pytest.raises(BlockingIOError):
             efd.read(timeout=0)
-        assert time.monotonic() - t0 < 0.5
         efd.write(MAX_VALUE)
         with pytest.raises(BlockingIOError):
             efd.write(1, timeout=0)
         assert efd.peek() == MAX_VALUE
+        assert stats(efd)["slot"] == -1  # never registered to wait
+
+
+def _most_looks(timeout: float) -> int:
+    """The most wait steps a main-thread call of ``timeout`` can end with a look.
+
+    A main-thread step sleeps to an absolute time at least 90 ms away (100 ms, ending on a
+    10 ms grid: docs/design.md §7) and only a post or a signal ends it sooner; a step that
+    ends at the deadline does not look.  Load only makes steps longer, so fewer.
+    """
+    return int(timeout / 0.09)
 
 
 def test_timeout_positive_raises_timeouterror_nothing_consumed() -> None:
+    """A blocked call ends by its own deadline with TimeoutError, having consumed nothing.
+
+    Not before the deadline (``elapsed``, a lower bound), and by it: the call made no more
+    wait steps than fit before it (``looks``), where a call that waited on past its deadline
+    would look again at every further step.  Counted, not timed (a wall-clock upper bound
+    failed on a loaded machine)."""
     with EventFD(0) as efd:
+        before = stats(efd)
+        looks = before["looks"]
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
             efd.read(timeout=0.2)
         elapsed = time.monotonic() - t0
-        assert 0.19 <= elapsed < 1.0
+        assert elapsed >= 0.19
+        assert stats(efd)["looks"] - looks <= _most_looks(0.2)
         efd.write(MAX_VALUE - 1)
+        looks = stats(efd)["looks"]
         with pytest.raises(TimeoutError):
             efd.write(2, timeout=0.1)
+        assert stats(efd)["looks"] - looks <= _most_looks(0.1)
         assert efd.peek() == MAX_VALUE - 1
         assert efd.read() == MAX_VALUE - 1
+        assert stats(efd)["woken"] == before["woken"]  # no post came, none was consumed
 
 
 @pytest.mark.parametrize("timeout", [-1, -0.5, float("nan")])

@@ -30,7 +30,8 @@ def waiters(efd: EventFD, word: str) -> int:
 
 
 def test_handler_writes_while_main_thread_is_inside_write(backend: str) -> None:
-    """An interval timer at 0.5 ms for 3 s: every handler write lands exactly once."""
+    """An interval timer at 0.5 ms for 3 s (and until over 100 handler writes landed,
+    however little CPU a loaded machine gives): every handler write lands exactly once."""
     with EventFD(0) as efd:
         by_handler = [0]
 
@@ -43,7 +44,7 @@ def test_handler_writes_while_main_thread_is_inside_write(backend: str) -> None:
         try:
             signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
             end = time.monotonic() + 3
-            while time.monotonic() < end:
+            while time.monotonic() < end or by_handler[0] <= 100:
                 efd.write(1)
                 by_main += 1
         finally:
@@ -54,7 +55,8 @@ def test_handler_writes_while_main_thread_is_inside_write(backend: str) -> None:
 
 
 def _busy_with_own(own: EventFD, other: EventFD, out: int, seconds: float) -> int:
-    """Operate on ``own``; a timer's handler writes to ``other`` meanwhile."""
+    """Operate on ``own`` for ``seconds`` (and until over 50 handler writes, however little
+    CPU a loaded machine gives); a timer's handler writes to ``other`` meanwhile."""
     counts = {"own": 0, "handler": 0, "read": 0}
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -64,7 +66,7 @@ def _busy_with_own(own: EventFD, other: EventFD, out: int, seconds: float) -> in
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 0.0007, 0.0007)
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end or counts["handler"] <= 50:
         own.write(1)
         counts["own"] += 1
         try:
@@ -123,26 +125,57 @@ def test_keyboardinterrupt_during_a_blocking_call(backend: str, blocked: str) ->
 
 
 def test_handler_that_returns_continues_with_the_remaining_timeout(backend: str) -> None:
-    """PEP 475: the call goes on after the handler, and its deadline does not move."""
+    """PEP 475: after a handler returns, the call goes on, and its deadline does not move.
+
+    A fault raises the signal at the call's first wait step, so its handler runs inside the
+    call (between two steps) however late the thread gets a CPU; no timer, no clock race.
+
+    1. The handler returns at once: the call still waits out its whole timeout and raises
+       TimeoutError (``elapsed >= timeout``, a lower bound: ending at the handler fails it).
+    2. The handler itself runs until past the call's deadline: the call then raises
+       TimeoutError without another wait step (``looks`` as the handler left it).  A call
+       that restarted its timeout, or moved its deadline by the handler's time, would sleep
+       again and look.  (A wall-clock upper bound here failed on a loaded machine.)
+    """
     with EventFD(0) as efd:
         calls = [0]
+        seen: dict[str, int] = {}
 
-        def handler(signum: int, frame: FrameType | None) -> None:
+        def returns(signum: int, frame: FrameType | None) -> None:
             calls[0] += 1
 
-        old = signal.signal(signal.SIGUSR1, handler)
+        def outlasts_the_deadline(signum: int, frame: FrameType | None) -> None:
+            calls[0] += 1
+            seen["waiting"] = waiters(efd, W_WR)  # 1: it runs inside the read
+            # The read took its deadline before this handler began, so the deadline is no
+            # later than `end`.  Waiting for a moment on the call's own clock, not ordering.
+            end = time.monotonic() + 0.5
+            while (left := end - time.monotonic()) > 0:
+                time.sleep(left)
+            seen["looks"] = stats(efd)["looks"]
+
+        old = signal.signal(signal.SIGUSR1, returns)
         try:
-            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
-            timer.start()
+            _faults.arm("wait.step", f"signal:{int(signal.SIGUSR1)}")
             t0 = time.monotonic()
             with pytest.raises(TimeoutError):
                 efd.read(timeout=1.0)
             elapsed = time.monotonic() - t0
-            timer.join()
+            assert calls[0] == 1
+            assert elapsed >= 0.95  # it went on after the handler, to its own deadline
+
+            calls[0] = 0
+            signal.signal(signal.SIGUSR1, outlasts_the_deadline)
+            _faults.arm("wait.step", f"signal:{int(signal.SIGUSR1)}")
+            with pytest.raises(TimeoutError):
+                efd.read(timeout=0.5)
+            assert calls[0] == 1
+            assert seen["waiting"] == 1
+            assert stats(efd)["looks"] == seen["looks"]  # no wait step after the handler
         finally:
+            _faults.disarm()
             signal.signal(signal.SIGUSR1, old)
-        assert calls[0] == 1
-        assert 0.95 <= elapsed < 1.3
+        assert waiters(efd, W_WR) == 0
 
 
 def test_signalerror_never_reaches_the_user(backend: str) -> None:
@@ -174,7 +207,10 @@ def test_signalerror_never_reaches_the_user(backend: str) -> None:
 
 
 def test_main_thread_handler_exception_is_not_swallowed(backend: str) -> None:
-    """posix_ipc would turn a handler's exception into SignalError; ours propagates."""
+    """posix_ipc would turn a handler's exception into SignalError; ours propagates.
+
+    A fault raises the signal at the read's first wait step, so the handler runs inside
+    the read whatever the load (a timer's signal could come after the read's timeout)."""
 
     class Stop(Exception):
         pass
@@ -185,27 +221,46 @@ def test_main_thread_handler_exception_is_not_swallowed(backend: str) -> None:
     with EventFD(0) as efd:
         old = signal.signal(signal.SIGUSR1, handler)
         try:
-            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            _faults.arm("wait.step", f"signal:{int(signal.SIGUSR1)}")
             with pytest.raises(Stop):
                 efd.read(timeout=5)
         finally:
+            _faults.disarm()
             signal.signal(signal.SIGUSR1, old)
         assert waiters(efd, W_WR) == 0
 
 
 def test_a_handlers_write_wakes_the_read_it_interrupted(backend: str) -> None:
-    """The main thread blocks in read(); a timer's handler writes: that read returns it.
-    (It once had to be deferred, and needed the wait step to end first.)"""
+    """The main thread blocks in read(); a signal's handler writes: that read returns it.
+    (It once had to be deferred, and needed the wait step to end first.)
+
+    The signal is sent once the read is registered and lands in its sleep (EINTR).  After
+    the handler the read makes at most one look, the one that finds the handler's value:
+    a deferred write would leave that look empty and cost at least one more wait step, a
+    write applied only after the call would leave the read to time out.  Counted, not
+    timed (a wall-clock bound failed on a loaded machine)."""
     with EventFD(0) as efd:
-        old = signal.signal(signal.SIGALRM, lambda *a: efd.write(7))
+        seen: dict[str, int] = {}
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            efd.write(7)
+            seen["looks"] = stats(efd)["looks"]
+
+        def interrupt() -> None:
+            wait_until(lambda: waiters(efd, W_WR) == 1)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+
+        old = signal.signal(signal.SIGALRM, handler)
+        t = threading.Thread(target=interrupt)
+        t.start()
         try:
-            signal.setitimer(signal.ITIMER_REAL, 0.2)
-            t0 = time.monotonic()
             assert efd.read(timeout=10) == 7
-            assert time.monotonic() - t0 < 0.5
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            t.join(10)
             signal.signal(signal.SIGALRM, old)
+        assert stats(efd)["looks"] - seen["looks"] <= 1  # no wait step after the handler
+        assert waiters(efd, W_WR) == 0
+        assert efd.peek() == 0
 
 
 def test_a_handler_reads_while_the_thread_it_interrupted_is_blocked_in_read(
@@ -306,21 +361,37 @@ def test_300_sigints_in_tight_loops_leave_nothing_locked_or_half_applied(backend
 
 
 def test_sys_exit_in_a_sigterm_handler_ends_a_blocked_read(backend: str) -> None:
-    """A handler's SystemExit propagates out of a blocked read, at once."""
+    """A handler's SystemExit propagates out of a blocked read, at once.
+
+    The child's handler records the read still registered and the wait steps made so far;
+    the SystemExit must end the read with no further wait step (``looks`` unchanged) and
+    reach the child's ``except``.  A read that swallowed it would block for ever (its
+    ``read()`` has no timeout): ``reap``'s 20 s is only that hang guard.  Counted, not timed
+    (a 0.5 s wall-clock bound failed on a loaded machine)."""
     with EventFD(0) as efd:
         def child() -> int:
-            signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
+            seen: dict[str, int] = {}
+
+            def handler(signum: int, frame: FrameType | None) -> None:
+                s = stats(efd)
+                seen.update(waiting=s[W_WR], looks=s["looks"])
+                sys.exit(3)
+
+            signal.signal(signal.SIGTERM, handler)
             try:
                 efd.read()
             except SystemExit as e:
+                if seen.get("waiting") != 1:
+                    return 4  # the handler did not run inside the read
+                if stats(efd)["looks"] != seen["looks"]:
+                    return 5  # the read waited on after the handler raised
                 return int(e.code or 0)
             return 1
         pid = fork_child(child)
         wait_until(lambda: waiters(efd, W_WR) == 1)
-        t0 = time.monotonic()
         os.kill(pid, signal.SIGTERM)
         assert reap(pid) == 3
-        assert time.monotonic() - t0 < 0.5
+        assert waiters(efd, W_WR) == 0
 
 
 def test_keyboardinterrupt_while_waiting_for_the_lock_never_frees_anothers(
