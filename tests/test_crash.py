@@ -8,12 +8,16 @@ both lock kinds (docs/design.md, "Crash safety").
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
 import os
 import select
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -31,6 +35,7 @@ from crashkit import (
 )
 from figures import record, record_kill
 from helpers import (
+    FORKED,
     LineReader,
     blocked_in_poll,
     fork_child,
@@ -179,55 +184,143 @@ def test_stopped_holder_is_waited_for_never_robbed(backend: str) -> None:
         assert efd.read(timeout=1) == 3 + 1
 
 
+# How often the main thread may go to sleep in one 100 ms step of its wait for a held lock
+# (docs/design.md, "The lock"): once on a robust mutex (one timed wait); the byte lock polls
+# with naps of 20 us doubling to 2 ms: 7 naps reach 2 ms (2.54 ms in all), then one per
+# 2 ms and a last shorter one, 56 at most.  A loaded machine only makes a step's naps fewer.
+MAIN_STEP = 0.1
+SLEEPS_PER_STEP = {"robust": 1, "byte": 56}
+
+
+def _sleeps_of(pid: int, tid: int) -> int:
+    """How often a thread has gone to sleep: its voluntary context switches
+    (proc_pid_status(5)).  Waiting for a CPU is not one, so load never adds any."""
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def _main_sleeps() -> int:
+    return _sleeps_of(os.getpid(), os.getpid())
+
+
+def _lock_wait_sleeps(backend: str, seconds: float) -> int:
+    """The most sleeps a main thread's wait of ``seconds`` for a held lock can take: one
+    step per 100 ms begun, and two more for waits for the GIL on the way."""
+    return math.ceil(round(seconds / MAIN_STEP, 6)) * SLEEPS_PER_STEP[backend] + 2
+
+
+def _watchdog(holder: int, seconds: float) -> tuple[int, int]:
+    """A process that resumes ``holder`` unless told within ``seconds`` (a byte on the
+    returned fd) that the test is over: a call held hostage by the holder then comes back,
+    and fails, instead of hanging the suite.  Returns its pid and that fd."""
+    done_r, done_w = os.pipe()
+
+    def body() -> int:
+        if select.select([done_r], [], [], seconds)[0]:
+            return 0
+        os.kill(holder, signal.SIGCONT)
+        return 1
+    pid = fork_child(body)
+    os.close(done_r)
+    return pid, done_w
+
+
+def _still_stopped(holder: int) -> None:
+    assert _state_of(holder) == "T", "the call came back only once the holder was resumed"
+
+
+def _interrupt_once_waiting(go: int) -> int:
+    """Child: once told (a byte on ``go``), SIGINT the parent as soon as its main thread
+    has gone to sleep again.  That thread does nothing but read() by then, and its other
+    thread waits inside read() without the GIL: that sleep is its wait for the stopped
+    holder's lock."""
+    parent = os.getppid()
+    assert select.select([go], [], [], 60)[0]
+    before = _sleeps_of(parent, parent)
+    wait_until(lambda: _sleeps_of(parent, parent) > before)
+    os.kill(parent, signal.SIGINT)
+    return 0
+
+
+def _kick_readers(efd: EventFD) -> None:
+    """Set the readers' kick bit, as a lock-free commit does (docs/design.md, "Lock-free
+    operations"), through the state file: without the lock, which the stopped holder has."""
+    core = efd._core
+    assert core is not None
+    os.pwrite(core.fds[0], (1).to_bytes(8, sys.byteorder), _core.OFFSET_KICK)  # (bit 1)
+
+
+@forks_beside_threads
 def test_a_stopped_holder_takes_no_deadline_hostage(backend: str) -> None:
     """A timed call raises at its deadline, a non-blocking one after the documented
-    patience (1 s, which a live holder never comes near), Ctrl-C reaches a blocked main
-    thread within 100 ms, and close() returns at once under a thread waiting for the lock.
-    (A timed read once returned only when the stopped peer was resumed, 5.4 s later.)"""
+    patience (1 s, which a live holder never comes near), Ctrl-C reaches a main thread
+    waiting for the lock, and close() returns under a thread waiting for the lock.  (A
+    timed read once returned only when the stopped peer was resumed, 5.4 s later.)
+
+    No clock bounds these from above: a loaded machine keeps a process off the CPU for
+    longer than any bound would allow.  Instead, each call must come back while the holder
+    is still stopped (only a watchdog resumes it, after 60 s: a call held hostage fails
+    instead of hanging), and a timed call may go to sleep only as often as the steps of
+    its wait allow (waiting for a CPU is no sleep): one that overstayed its deadline or
+    its patience by more than a step would sleep more.  The lower bounds are the clock's.
+    """
     efd = EventFD(0)
-    holder = _stopped_holder(efd)
+    # A thread blocked in read() from the start (it registers while the lock is free); a
+    # kick at the end sends it after the lock.
     got: list[int] = []
-    blocked = threading.Thread(target=lambda: got.append(efd.read(timeout=20)))
+    blocked = threading.Thread(target=lambda: got.append(efd.read(timeout=90)))
+    blocked.start()
+    wait_until(lambda: stats(efd)["waiting_r"] == 1)
+    holder = _stopped_holder(efd)
+    dog, dog_done = _watchdog(holder, 60)
+    go_r, go_w = os.pipe()
+    sender = fork_child(lambda: _interrupt_once_waiting(go_r))
     try:
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError):
-            efd.read(timeout=2)
-        assert 1.95 <= time.monotonic() - t0 < 2.3
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError):
-            efd.write(1, timeout=0.2)
-        assert 0.19 <= time.monotonic() - t0 < 0.5
-        t0 = time.monotonic()
-        with pytest.raises(BlockingIOError):
-            efd.read(timeout=0)
-        assert 0.95 <= time.monotonic() - t0 < 1.4
-        signal_at = [0.0]
-
-        def interrupt() -> None:
-            signal_at[0] = time.monotonic()
-            os.kill(os.getpid(), signal.SIGINT)
-
-        timer = threading.Timer(0.3, interrupt)
-        timer.start()
+        # The call, what it raises, when at the earliest, how long it waits for the lock.
+        calls: list[tuple[Callable[[], object], type[OSError], float, float]] = [
+            (lambda: efd.read(timeout=2), TimeoutError, 1.95, 2.0),
+            (lambda: efd.write(1, timeout=0.2), TimeoutError, 0.19, 0.2),
+            (lambda: efd.read(timeout=0), BlockingIOError, 0.95, 1.0),  # the patience
+        ]
+        for call, error, earliest, wait in calls:
+            t0, sleeps = time.monotonic(), _main_sleeps()
+            with pytest.raises(error):
+                call()
+            sleeps = _main_sleeps() - sleeps
+            assert time.monotonic() - t0 >= earliest  # not before its deadline
+            _still_stopped(holder)  # not when the holder goes on
+            assert sleeps <= _lock_wait_sleeps(backend, wait)  # nor a step after its deadline
+        # Ctrl-C: the child signals once this read sleeps in its wait for the lock.
+        os.write(go_w, b"x")
         with pytest.raises(KeyboardInterrupt):
             efd.read()  # waits for the lock for ever, but for Ctrl-C
-        assert time.monotonic() - signal_at[0] < 0.1
-        timer.join()
-        blocked.start()
-        wait_until(lambda: blocked.native_id is not None and _sleeps(blocked.native_id))
-        t0 = time.monotonic()
+        _still_stopped(holder)
+        assert reap(sender) == 0
+        # The blocked thread's next look finds the kick (as a lock-free commit leaves it)
+        # and goes for the lock: from then on it waits for the lock inside its call.
+        looks = stats(efd)["looks_locked"]
+        _kick_readers(efd)
+        wait_until(lambda: stats(efd)["looks_locked"] == looks + 1)
         efd.close()  # the last handle, while a thread of ours waits for the lock
-        assert time.monotonic() - t0 < 0.05
+        assert blocked.is_alive()  # close() did not wait for the call in flight
+        assert not got
+        _still_stopped(holder)
     finally:
+        if sender in FORKED:  # (the test failed before Ctrl-C)
+            os.kill(sender, signal.SIGKILL)
+            reap(sender)
+        with contextlib.suppress(BrokenPipeError):  # (unless it fired, and is gone)
+            os.write(dog_done, b"x")
         os.kill(holder, signal.SIGCONT)
         assert reap(holder) == 3
+        reap(dog)
+        for fd in (dog_done, go_r, go_w):
+            os.close(fd)
     blocked.join(20)
     assert got == [3]  # the waiting read went on after close(), as on Linux
-
-
-def _sleeps(tid: int) -> bool:
-    with open(f"/proc/self/task/{tid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "S"
 
 
 def _poll_until_read(efd: EventFD, out: int) -> int:
@@ -273,22 +366,61 @@ def test_blocked_pollers_wake_after_a_writer_dies_between_steps(backend: str,
     reports.close()
 
 
+def _counted_read(efd: EventFD, out: int, posts_only: bool) -> int:
+    """Child: one ``read(timeout=10)``, then "value posts looks" on ``out``: the value read
+    (-1: TimeoutError), and how this process's read came back: the posts it consumed
+    (``woken``) and its looks that said go (``looks_locked``).  No clock needed.
+
+    ``posts_only``: the read runs in a thread whose wait steps outlast its deadline
+    (``_core._step``): it comes back by a post, or at its deadline (with no look).
+    Otherwise in the main thread, which looks every 100 ms."""
+    got: list[int] = []
+
+    def read_once() -> None:
+        try:
+            got.append(efd.read(timeout=10))
+        except TimeoutError:
+            got.append(-1)
+
+    before = stats(efd)
+    if posts_only:
+        _core._step(3600.0)  # (this child's own; it exits after the read)
+        thread = threading.Thread(target=read_once)
+        thread.start()
+        thread.join(20)
+    else:
+        read_once()
+    after = stats(efd)
+    posts = after["woken"] - before["woken"]
+    looks = after["looks_locked"] - before["looks_locked"]
+    os.write(out, f"{got[0] if got else -2} {posts} {looks}\n".encode())
+    return 0
+
+
+def _how_it_read(lines: LineReader) -> tuple[int, ...]:
+    """(value, posts consumed, looks that said go) of a _counted_read child."""
+    return tuple(int(word) for word in lines.line().split())
+
+
 def test_registrations_of_killed_waiters_are_swept_where_they_matter(backend: str) -> None:
     """Dead waiters' registrations are harmless until the rule counts a dead one's consumed
     post as still on its way: a live reader then finds, at its next look, that it could
-    proceed without a post, takes the lock, and sweeps them (no idle waiter ever scans)."""
+    proceed without a post, takes the lock, and sweeps them (no idle waiter ever scans).
+
+    How each reader came back is counted, not timed: a reader meant to be posted waits in
+    steps that outlast its deadline, so a missed post shows as no post consumed."""
+    lines = LineReader()
     with EventFD(0) as efd:
         pids = [fork_child(lambda: efd.read(timeout=30)) for _ in range(3)]
         wait_until(lambda: stats(efd)["waiting_r"] == 3)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
             assert killed(reap(pid))
-        reader = fork_child(lambda: 0 if efd.read(timeout=10) == 1 else 1)
+        reader = fork_child(lambda: _counted_read(efd, lines.w, posts_only=True))
         wait_until(lambda: stats(efd)["waiting_r"] == 4)
-        t0 = time.monotonic()
         efd.write(1)  # the dead are registered, yet the live reader gets the post
+        assert _how_it_read(lines) == (1, 1, 0)  # by a post, not by a look
         assert reap(reader) == 0
-        assert time.monotonic() - t0 < 0.09  # woken by a post, not by a step
         # A waiter consumes its post and dies before accounting it: the rule now believes
         # that post is still on its way to a waiter.
         victim_pid = victim(efd, "wait.woken", "kill", read)
@@ -297,19 +429,20 @@ def test_registrations_of_killed_waiters_are_swept_where_they_matter(backend: st
         assert killed(reap(victim_pid))
         assert stats(efd)["posted_r"] == 1
         assert efd.read(timeout=0) == 1  # (the victim's token: nobody took it)
-        reader = fork_child(lambda: 0 if efd.read(timeout=10) == 1 else 1)
+        reader = fork_child(lambda: _counted_read(efd, lines.w, posts_only=False))
         wait_until(lambda: sleeping(reader) and stats(efd)["waiting_r"] == 5)
-        t0 = time.monotonic()
         efd.write(1)  # no post: the rule counts the dead one's as pending
+        # Its next look (a main thread's step) found the 1: a deadline reached with no
+        # look, or a post, would count otherwise.
+        assert _how_it_read(lines) == (1, 0, 1)
         assert reap(reader) == 0
-        assert time.monotonic() - t0 < 0.5  # its next look (100 ms steps in a main thread)
         assert (stats(efd)["waiting_r"], stats(efd)["posted_r"]) == (0, 0)  # swept
-        reader = fork_child(lambda: 0 if efd.read(timeout=10) == 1 else 1)
+        reader = fork_child(lambda: _counted_read(efd, lines.w, posts_only=True))
         wait_until(lambda: stats(efd)["waiting_r"] == 1)
-        t0 = time.monotonic()
         efd.write(1)
+        assert _how_it_read(lines) == (1, 1, 0)  # a post again
         assert reap(reader) == 0
-        assert time.monotonic() - t0 < 0.09  # a post again
+    lines.close()
 
 
 @pytest.mark.parametrize("step", ["attach.validated", "attach.sems", "slot.claimed"])
@@ -403,26 +536,39 @@ def test_a_replaced_fileno_never_becomes_a_childs_lock_carrier() -> None:
 def test_a_post_lost_with_its_poster_is_made_up_by_the_waiters_step(backend: str) -> None:
     """Posts are made after the unlock (a woken reader would find the lock still held):
     a writer killed in between has accounted a post it never made.  The waiter's bounded
-    step finds the counter all the same, and the accounting drops the phantom post."""
+    step finds the counter all the same, and the accounting drops the phantom post.
+
+    The reader (a main thread: 100 ms steps) says how it came back: by a look that found
+    the 3, with no post consumed.  Without bounded steps it would come back only at its
+    deadline, which takes the 3 too but looks no more."""
+    lines = LineReader()
     with EventFD(0) as efd:
-        reader = fork_child(lambda: 0 if efd.read(timeout=10) == 3 else 1)
+        reader = fork_child(lambda: _counted_read(efd, lines.w, posts_only=False))
         wait_until(lambda: stats(efd)["waiting_r"] == 1)
         writer = victim(efd, "lock.unlocked", "kill", lambda e: e.write(3))
         assert killed(reap(writer))
-        t0 = time.monotonic()
+        assert _how_it_read(lines) == (3, 0, 1)  # its step's look, not a post or the deadline
         assert reap(reader) == 0
-        assert time.monotonic() - t0 < 0.6  # one wait step (250 ms) and the read
         next_operation_within(efd)
         words = stats(efd)
         assert (words["waiting_r"], words["posted_r"]) == (0, 0)
         check_usable(efd)
+    lines.close()
+
+
+def _waiters_posts_sem(efd: EventFD) -> tuple[int, int, int]:
+    words = stats(efd)
+    return words["waiting_r"], words["posted_r"], words["sem_r"]
 
 
 def test_a_waiter_that_times_out_holding_a_consumed_post_gives_it_back(backend: str) -> None:
     """X consumed a post, then could not get the lock (a stopped holder) before its
-    deadline.  It gives the post back: another reader is then woken by the next write's
-    post, not by the end of its wait step.  (The post was once lost until X's process
-    used the eventfd again.)"""
+    deadline.  It gives the post back: another reader takes it, and is then woken by the
+    next write's post, not by the end of its wait step.  (The post was once lost until X's
+    process used the eventfd again.)
+
+    Counted, not timed: the reader's wait steps outlast its deadline, so it can only come
+    back by posts, and must consume two: X's, given back, and the write's."""
     go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
     lines = LineReader()
@@ -449,12 +595,13 @@ def test_a_waiter_that_times_out_holding_a_consumed_post_gives_it_back(backend: 
         finally:
             os.kill(holder, signal.SIGCONT)
             assert reap(holder) == 3  # it took the 1
-        reader = fork_child(lambda: 0 if efd.read(timeout=5) == 1 else 1)
-        wait_until(lambda: sleeping(reader) and stats(efd)["waiting_r"] >= 2)
-        t0 = time.monotonic()
+        reader = fork_child(lambda: _counted_read(efd, lines.w, posts_only=True))
+        # The reader consumed X's post, accounted it and waits again (X's registration is
+        # still counted, its post is not): a post X kept would leave P at 1 for ever.
+        wait_until(lambda: _waiters_posts_sem(efd) == (2, 0, 0))
         efd.write(1)
+        assert _how_it_read(lines) == (1, 2, 0)  # X's post, then the write's; no look
         assert reap(reader) == 0
-        assert time.monotonic() - t0 < 0.15  # a post, not the end of a 250 ms step
         os.write(done_w, b"x")
         assert reap(xpid) == 0
     for fd in (go_r, go_w, done_r, done_w):
