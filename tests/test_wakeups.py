@@ -142,27 +142,61 @@ def test_r28_writer_blocked_at_max_resumes_after_read() -> None:
         assert efd.peek() == 5
 
 
+def _alternate(first: EventFD, second: EventFD, rounds: int, write_first: bool) -> list[str]:
+    """``rounds`` exchanges in a thread of their own: its wait steps are the long ones of
+    _core._step, which an exchange never outlasts.  What went wrong, if anything."""
+    errors: list[str] = []
+
+    def run() -> None:
+        try:
+            for _ in range(rounds):
+                if write_first:
+                    first.write(1)
+                    assert second.read(timeout=30) == 1
+                else:
+                    assert first.read(timeout=30) == 1
+                    second.write(1)
+        except BaseException as e:
+            errors.append(repr(e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(100)
+    if t.is_alive():
+        errors.append("the exchange did not finish")
+    return errors
+
+
 def _ping(a: EventFD, b: EventFD, rounds: int) -> None:
-    for _ in range(rounds):
-        assert a.read(timeout=20) == 1
-        b.write(1)
+    before = stats(a)
+    errors = _alternate(a, b, rounds, write_first=False)
+    after = stats(a)
+    assert not errors, errors
+    assert after["looks_locked"] == before["looks_locked"], "a post was missed"
 
 
 @pytest.mark.parametrize("semaphore", [False, True])
 def test_no_lost_wakeup_in_10000_alternations(semaphore: bool) -> None:
+    """Both sides wait in threads whose wait steps (_core._step) last 10 s, far longer than
+    any exchange: every wake-up must be a post.  A lost one would leave its waiter asleep
+    until its step ended, and that step's look would find the counter above 0 and take the
+    lock (``looks_locked``): counted on both sides, never timed."""
     flags = EFD_SEMAPHORE if semaphore else 0
     rounds = 10_000
-    with EventFD(0, flags) as a, EventFD(0, flags) as b:
-        p = start(_ping, a, b, rounds)
-        with reaped(p):
-            t0 = time.monotonic()
-            for _ in range(rounds):
-                a.write(1)
-                assert b.read(timeout=20) == 1
-            assert finish(p) == 0
-            # A lost wake-up would cost a whole wait step (>= 100 ms) per loss.
-            assert time.monotonic() - t0 < 60
-        assert a.peek() == b.peek() == 0
+    old_step = _core._step(10.0)  # (the forked partner inherits it)
+    try:
+        with EventFD(0, flags) as a, EventFD(0, flags) as b:
+            p = start(_ping, a, b, rounds)
+            with reaped(p):
+                before = stats(a)
+                errors = _alternate(a, b, rounds, write_first=True)
+                assert finish(p) == 0
+                after = stats(a)
+                assert not errors, errors
+                assert after["looks_locked"] == before["looks_locked"], "a post was missed"
+            assert a.peek() == b.peek() == 0
+    finally:
+        _core._step(old_step)
 
 
 def test_fork_context_is_the_default_helper() -> None:
@@ -170,12 +204,6 @@ def test_fork_context_is_the_default_helper() -> None:
 
 
 # -- the wake-up channel under stops, deaths and mixed waiters ------------------------------
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_stopped_registered_reader_does_not_pile_up_posts(backend: str) -> None:
@@ -193,13 +221,31 @@ def test_a_stopped_registered_reader_does_not_pile_up_posts(backend: str) -> Non
         finally:
             os.kill(pid, signal.SIGCONT)
         assert reap(pid) == 0
-        # A later blocked read waits without spinning on stray posts.
-        waiter = fork_child(lambda: efd.read(timeout=1.5) and 0)
-        wait_until(lambda: header(efd, W_WR) == 1)
-        time.sleep(1.0)  # (measuring what it costs to wait, not ordering anything)
-        assert _cpu_seconds(waiter) < 0.2
-        efd.write(1)
-        assert reap(waiter) == 0
+        # A later blocked read waits without spinning on stray posts: none is left, and
+        # through ten of its wait steps (the main thread's, 90-100 ms each) it consumes no
+        # post but the one that ends it, looks no more often than its steps end, and burns
+        # no CPU.  That post comes from another thread once the ten steps have ended
+        # (counted, not timed: the old version slept 1 s and timed the child's read).
+        assert stats(efd)["sem_r"] == 0
+        before = stats(efd)
+
+        def post_after_ten_steps() -> None:
+            wait_until(lambda: stats(efd)["looks"] >= before["looks"] + 10, timeout=20)
+            efd.write(1)
+
+        poster = threading.Thread(target=post_after_ten_steps)
+        poster.start()
+        t0, cpu0 = time.monotonic(), time.thread_time()
+        try:
+            assert efd.read(timeout=30) == 1
+        finally:
+            poster.join(30)
+        cpu, elapsed = time.thread_time() - cpu0, time.monotonic() - t0
+        after = stats(efd)
+        assert after["woken"] - before["woken"] <= 1  # the final post, if it came first
+        looks = after["looks"] - before["looks"]
+        assert 10 <= looks <= elapsed / 0.09 + 1  # no more often than its step
+        assert cpu < 0.2  # this thread's CPU time: a busy neighbour adds none
 
 
 def test_readers_and_writers_never_steal_each_others_posts(backend: str) -> None:
@@ -269,12 +315,22 @@ def test_registrations_of_64_processes_that_come_and_die_never_cost_a_wakeup(
         for pid in pids:
             reap(pid)
         dead = header(efd, W_WR)
-        reader = fork_child(lambda: 0 if efd.read(timeout=10) == 1 else 1)
+
+        def read_by_a_post() -> int:  # in a thread whose wait steps outlast the test
+            _core._step(3600.0)
+            before = stats(efd)["woken"]
+            got: list[int] = []
+            t = threading.Thread(target=lambda: got.append(efd.read(timeout=10)))
+            t.start()
+            t.join(15)
+            if got != [1]:
+                return 1
+            return 0 if stats(efd)["woken"] == before + 1 else 2  # 2: it was not posted
+
+        reader = fork_child(read_by_a_post)
         wait_until(lambda: header(efd, W_WR) == dead + 1)
-        t0 = time.monotonic()
         efd.write(1)
-        assert reap(reader) == 0
-        assert time.monotonic() - t0 < 0.09  # the post latency, not a wait step
+        assert reap(reader) == 0  # the post went to the live waiter, not to the dead
         def die_in_a_section() -> int:
             _faults.arm("write.dirty", "kill")
             efd.write(1)
