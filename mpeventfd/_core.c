@@ -1261,7 +1261,12 @@ static void abandon(struct op *o)
  * answer often comes within microseconds (a ping-pong partner, a producer in a burst), and
  * seeing it saves the registration, the sleep and the wake-up.  The loads are relaxed:
  * only a hint, re-checked under the lock.  Never on one CPU (the writer could not run)
- * and never in semaphore mode (only the readers that can proceed should run). */
+ * and never in semaphore mode (only the readers that can proceed should run).
+ *
+ * It keeps the CPU (PAUSE, no sched_yield): on a busy machine a yield hands the CPU to
+ * any runnable task for up to its whole slice (sched_yield(2): the caller goes to the end
+ * of the queue for its priority), and a read that yielded came back milliseconds after
+ * its answer; a reader that sleeps instead is woken with the wake-up's preemption. */
 static void spin_for_counter(struct op *o)
 {
     _Atomic uint64_t *counter = &o->c->pg->w.counter;
@@ -1269,7 +1274,8 @@ static void spin_for_counter(struct op *o)
     if (o->until < end)
         end = o->until;
     while (!atomic_load_explicit(counter, memory_order_relaxed) && now() < end)
-        sched_yield(); /* let a writer that shares our CPU run */
+        for (int j = 0; j < 8; j++)
+            cpu_relax();
 }
 
 /* The contended or blocking path, without the GIL.  `waiting`: the caller's section has
