@@ -17,6 +17,8 @@ import time
 
 from mpeventfd import EventFD
 
+GUARD = 30.0  # seconds, against a hang only: a busy machine may take seconds to start a process
+
 PRODUCERS = 4
 WRITES = 500
 
@@ -52,7 +54,7 @@ async def run(efd: EventFD, expected: int) -> tuple[int, int, int]:
     stop = asyncio.Event()
     ticker = asyncio.create_task(tick(stop))
     try:
-        total, batches = await asyncio.wait_for(consume(efd, expected), timeout=4)
+        total, batches = await asyncio.wait_for(consume(efd, expected), timeout=GUARD)
     finally:
         stop.set()
     return total, batches, await ticker
@@ -72,7 +74,7 @@ def main() -> int:
         finally:
             for p in procs:
                 if p.pid is not None:
-                    p.join(4)
+                    p.join(GUARD)
                 if p.is_alive():
                     p.kill()
                     p.join()

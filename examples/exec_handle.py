@@ -18,6 +18,8 @@ import sys
 
 from mpeventfd import EventFD, from_handle
 
+GUARD = 30.0  # seconds, against a hang only: a busy machine may take seconds to start a process
+
 VALUE = 7
 
 
@@ -35,7 +37,7 @@ def parent() -> int:
             done = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "child", efd.handle],
                 pass_fds=efd.fds,
-                timeout=4,
+                timeout=GUARD,
                 check=False,
             )
         finally:

@@ -17,6 +17,8 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 
 from mpeventfd import EventFD
 
+GUARD = 30.0  # seconds, against a hang only: a busy machine may take seconds to start a process
+
 CHILDREN = 3
 
 
@@ -34,7 +36,7 @@ def run(ctx: SpawnContext | ForkServerContext) -> int:
             for p in procs:
                 p.start()
             for p in procs:
-                p.join(4)
+                p.join(GUARD)
         finally:
             for p in procs:
                 if p.is_alive():  # only if something went wrong: never leave one behind

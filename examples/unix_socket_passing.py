@@ -21,13 +21,15 @@ import tempfile
 
 from mpeventfd import EventFD, recv_eventfd, send_eventfd
 
+GUARD = 30.0  # seconds, against a hang only: a busy machine may take seconds to start a process
+
 VALUE = 42
 
 
 def client(path: str) -> int:
     """The unrelated process: connect, receive the eventfd, write VALUE, exit."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(4)
+        sock.settimeout(GUARD)
         sock.connect(path)
         with recv_eventfd(sock) as efd:
             efd.write(VALUE)
@@ -40,14 +42,14 @@ def server() -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(path)
             listener.listen(1)
-            listener.settimeout(4)
+            listener.settimeout(GUARD)
             proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "client", path])
             try:
                 conn, _ = listener.accept()
                 with conn:
                     send_eventfd(conn, efd)
-                got = efd.read(timeout=4)
-                code = proc.wait(timeout=4)
+                got = efd.read(timeout=GUARD)
+                code = proc.wait(timeout=GUARD)
             finally:
                 if proc.poll() is None:  # only if something went wrong
                     proc.kill()
