@@ -57,6 +57,7 @@ class Janitor:
         self.deferred: collections.deque[object] = collections.deque()
         self.thread: threading.Thread | None = None
         self.stopped = False  # the exit took over: no thread any more
+        self.finished = False  # the exit's own pass is over: a name added later is alone
         self.apply_release = apply_release
 
     def add(self, name: str, alone: bool, saw_death: bool) -> None:
@@ -65,7 +66,8 @@ class Janitor:
             self.pending[name] = Pending(time.monotonic() + FIRST_RETEST, FIRST_RETEST,
                                          alone, saw_death)
             self._wake()
-        if self.stopped:  # a handle closed after the exit's own pass: see it through now
+            late = self.finished
+        if late:  # a handle closed after the exit's own pass: see it through now
             self.finish()
 
     def defer(self, core: object) -> None:
@@ -141,10 +143,16 @@ class Janitor:
                 self.cond.wait(left)
 
     def finish(self) -> None:
-        """At exit: retest every pending name; wait out dying peers; a reaper for the rest."""
+        """At exit: retest every pending name; wait out dying peers; a reaper for the rest.
+
+        The exit's pass gathers all its names first and calls this once, so that its names
+        share one wait of at most ``EXIT_PATIENCE`` and one reaper.  Each call takes the
+        names it sees out of ``pending``, so that a later call (a handle closed after the
+        pass) handles only its own."""
         self.apply_deferred()
         with self.cond:
-            names = dict(self.pending)
+            self.finished = True
+            names, self.pending = self.pending, {}
         names = {n: p for n, p in names.items() if not _liveness.retest(n)}
         reap = [n for n, p in names.items() if p.alone and not p.saw_death]
         waiting = [n for n, p in names.items() if p.saw_death]
@@ -154,7 +162,4 @@ class Janitor:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.05)
             waiting = [n for n in waiting if not _liveness.retest(n)]
-        with self.cond:
-            for name in names:
-                self.pending.pop(name, None)
         _liveness.spawn_reaper(reap + waiting)

@@ -204,3 +204,53 @@ def test_a_new_pending_name_is_retested_on_its_own_schedule(
     deadline = time.monotonic() + 5
     while mpefd_entries() and time.monotonic() < deadline:  # (the first goes now too)
         time.sleep(0.01)
+
+
+# A fresh interpreter: three eventfds whose fds a child each holds (never attached, so each
+# name is left alone at our detach), all still open when it exits.
+THREE_HELD = textwrap.dedent("""
+    import subprocess, sys
+    import mpeventfd as m
+    from mpeventfd import _registry
+    gate = int(sys.argv[1])
+    kept = []
+    for _ in range(3):
+        e = m.EventFD(0)
+        e.set_inheritable(True)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys; os.read(int(sys.argv[1]), 1)",
+             str(gate)], pass_fds=(*e.fds, gate), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)  # (our output's end comes with our exit)
+        print(_registry.name_of(e._core), holder.pid, flush=True)
+        kept.append(e)  # detached by the exit
+    """)
+
+
+def test_the_exit_sees_all_its_pending_names_through_at_once() -> None:
+    """The exit's pass collects every name it could not remove and then hands them all to
+    one reaper (after one shared wait for dying peers): once, each name added during the
+    pass was seen through on its own, with a reaper (and a wait of up to a second) each."""
+    before = mpefd_entries()
+    gate_r, gate_w = os.pipe()
+    holders: list[int] = []
+    reapers: set[int] = set()
+    try:
+        try:
+            out = python(THREE_HELD, str(gate_r), pass_fds=(gate_r,), timeout=60)
+        finally:
+            os.close(gate_r)
+        assert out.returncode == 0, out.stderr
+        lines = [line.split() for line in out.stdout.splitlines()]
+        names = [name for name, _ in lines]
+        holders = [int(pid) for _, pid in lines]
+        assert len(names) == 3
+        of_name = {name: _reapers_of(name) for name in names}  # (the holders keep them)
+        reapers = {pid for pids in of_name.values() for pid in pids}
+        assert len(reapers) == 1, of_name  # one reaper, not one per name
+        assert all(len(p) == 1 for p in of_name.values()), of_name
+        assert all(any(n.startswith(name) for n in mpefd_entries()) for name in names)
+    finally:
+        os.close(gate_w)  # the holders exit; then the reaper removes the names
+        for pid in holders + sorted(reapers):
+            wait_until(functools.partial(_exited, pid), timeout=30)
+    assert not mpefd_entries() - before, "names left after every holder exited"
