@@ -132,10 +132,11 @@ def _ping(read: Callable[[], int], write: Callable[[int], None], n: int) -> list
 
 def micros(us: float) -> str:
     """A latency for people: whole µs from 10 up, one decimal below (a sub-µs figure shown
-    as "0 µs" reads as "not measured"), two below 0.1."""
-    if us >= 10:
+    as "0 µs" reads as "not measured"), two below 0.1.  The format follows the figure as
+    rounded, so that 9.96 shows as "10 µs", not "10.0 µs"."""
+    if float(f"{us:.1f}") >= 10:
         return f"{us:,.0f} µs"
-    return f"{us:.1f} µs" if us >= 0.1 else f"{us:.2f} µs"
+    return f"{us:.1f} µs" if float(f"{us:.2f}") >= 0.1 else f"{us:.2f} µs"
 
 
 BLOCK = 20  # round trips per turn: the two ping-pongs take turns, so both see the same machine
