@@ -1,5 +1,6 @@
 """``aread()``/``awrite()`` on every event loop people use: asyncio, uvloop and trio, driven
-through anyio (which runs on either), with real processes writing and holding the lock.
+through anyio (which runs on either); real processes hand out tokens, hold the lock and
+empty a full counter.
 
 The asyncio-only details (one shared ``add_reader`` registration, its fate when a loop or
 an fd goes) are in test_readiness.py; here, the guarantees every library gets.

@@ -38,8 +38,8 @@ def test_example_runs_clean_within_5_s(path: Path) -> None:
     exits non-zero when one runs out, so a wake-up that never comes fails it by its exit
     code; ``HANG`` catches a hang outside them.  The budget is CPU time (the example's and
     its reaped children's: ``RUSAGE_CHILDREN``), which a busy loop spends and a run queue
-    does not: beside four busy loops on two cores ``spawn_forkserver_args.py`` took 4.0 s
-    of wall clock (the 5 s this bound once was) for 0.65 s of CPU.
+    does not: beside busy loops an example's wall clock can grow many times over while
+    its CPU time does not.
     """
     cpu0 = _children_cpu()
     done = subprocess.run(

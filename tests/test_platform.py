@@ -22,9 +22,9 @@ def test_portable_paths_wait_without_a_busy_loop_and_use_short_names() -> None:
     test's): its CPU time (``thread_time`` counts only the time it ran, never time spent
     in a run queue, so load does not inflate it) stays under 0.2 s for at least 1 s
     blocked, and every sleep it made (voluntary context switches, ``RUSAGE_THREAD``) was
-    paid for by under 2 ms of CPU.  A correct poll costs about 20 µs per sleep; a busy loop
-    sleeps never and spends its whole share of a CPU, which on a loaded machine can stay
-    under 0.2 s (seen: 0.12 s) but never under 2 ms per sleep.
+    paid for by under 2 ms of CPU.  A correct poll costs a small fraction of that per
+    sleep; a busy loop sleeps never and spends its whole share of a CPU, which on a loaded
+    machine can stay under 0.2 s but never under 2 ms per sleep.
     """
     code = textwrap.dedent(
         """

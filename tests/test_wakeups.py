@@ -21,6 +21,15 @@ def header(efd: EventFD, word: str) -> int:
     return stats(efd)[word]
 
 
+def settled(efd: EventFD, waiting: int) -> None:
+    """Until ``waiting`` readers wait and no post is outstanding: a post made beyond the
+    rule is then either still outstanding (so this waits on) or consumed and counted in
+    ``woken``.  Counted, not timed: no window in which a wrong wake-up may or may not
+    happen."""
+    wait_until(lambda: (lambda s: s[W_WR] == waiting and s[W_PR] == 0 and s["sem_r"] == 0)(
+        stats(efd)))
+
+
 class Readers:
     """n threads blocked in read(); records what each returned."""
 
@@ -44,13 +53,14 @@ class Readers:
 
 def test_r29_semaphore_write_3_releases_exactly_3_of_4_threads() -> None:
     with EventFD(0, EFD_SEMAPHORE) as efd:
+        start = stats(efd)["woken"]
         readers = Readers(efd, 4)
         wait_until(lambda: header(efd, W_WR) == 4)
         efd.write(3)
         wait_until(lambda: len(readers.results) == 3)
-        time.sleep(0.6)  # longer than two wait steps: the fourth must still be blocked
+        settled(efd, waiting=1)  # (see the process variant below)
         assert readers.results == [1, 1, 1]
-        wait_until(lambda: header(efd, W_WR) == 1)  # (see the process variant below)
+        assert stats(efd)["woken"] - start == 3  # an extra post would have woken the 4th
         efd.write(1)
         readers.join()
         assert readers.results == [1, 1, 1, 1]
@@ -59,12 +69,14 @@ def test_r29_semaphore_write_3_releases_exactly_3_of_4_threads() -> None:
 
 def test_r29_normal_write_10_gives_everything_to_one_of_4() -> None:
     with EventFD(0) as efd:
+        start = stats(efd)["woken"]
         readers = Readers(efd, 4)
         wait_until(lambda: header(efd, W_WR) == 4)
         efd.write(10)
         wait_until(lambda: len(readers.results) == 1)
-        time.sleep(0.6)
+        settled(efd, waiting=3)
         assert readers.results == [10]
+        assert stats(efd)["woken"] - start == 1
         for want in (2, 3, 4):
             efd.write(1)  # one at a time: writes before a reader runs would add up
             wait_until(functools.partial(lambda n: len(readers.results) == n, want))
@@ -83,11 +95,10 @@ def test_precise_wakeups_8_threads_write_3_consumes_exactly_3_posts() -> None:
         wait_until(lambda: header(efd, W_WR) == 8)
         efd.write(3)
         wait_until(lambda: len(readers.results) == 3)
-        time.sleep(0.6)
+        settled(efd, waiting=5)
         # Exactly three posts were made and consumed; the other five never woke for one.
         assert len(consumed()) == 3
         assert len(readers.results) == 3
-        wait_until(lambda: header(efd, W_WR) == 5 and header(efd, W_PR) == 0)
         efd.write(5)
         readers.join()
         assert len(consumed()) == 8
@@ -253,7 +264,7 @@ def test_readers_and_writers_never_steal_each_others_posts(backend: str) -> None
     blocked writer, and the writer's commit posts the reader blocked at 0.  The threads'
     wait steps outlast the test, so a wake-up that was not a post would wait out the whole
     deadline and leave `woken` one short: ordered by registrations and a gate, no clock
-    read (a loaded 2-core machine once kept a posted reader off the CPU for 101 ms)."""
+    read (a loaded machine can keep a posted reader off the CPU for a long time)."""
     gate_r, gate_w = os.pipe()
     old_step = _core._step(3600.0)
     try:
