@@ -239,7 +239,7 @@ def p4(reps: int, n: int) -> Result:
         "os.eventfd": work.herd("os.eventfd", n) if HAS_EVENTFD else None,
     }), reps)
     res = _judge(Result("P4", "EFD_SEMAPHORE, 8 consumers blocked, 1 token at a time",
-                        "µs consumer CPU/token", "<= 0.5x", samples=samples), 0.5)
+                        "µs consumer CPU/token", "<= 0.45x", samples=samples), 0.45)
     return res
 
 
