@@ -293,10 +293,15 @@ def test_a_stopped_holder_takes_no_deadline_hostage(backend: str) -> None:
             assert time.monotonic() - t0 >= earliest  # not before its deadline
             _still_stopped(holder)  # not when the holder goes on
             assert sleeps <= _lock_wait_sleeps(backend, wait)  # nor a step after its deadline
-        # Ctrl-C: the child signals once this read sleeps in its wait for the lock.
-        os.write(go_w, b"x")
-        with pytest.raises(KeyboardInterrupt):
+        # Ctrl-C: the child signals once this read sleeps in its wait for the lock (the
+        # go-ahead is inside the check too: should this thread sleep anywhere before the
+        # read, for the GIL say, the KeyboardInterrupt must not escape it).
+        def go_and_read() -> None:
+            os.write(go_w, b"x")
             efd.read()  # waits for the lock for ever, but for Ctrl-C
+
+        with pytest.raises(KeyboardInterrupt):
+            go_and_read()
         _still_stopped(holder)
         assert reap(sender) == 0
         # The blocked thread's next look finds the kick (as a lock-free commit leaves it)
