@@ -20,6 +20,10 @@ from mpeventfd import _liveness
 
 FORK = multiprocessing.get_context("fork")
 TIMEOUT = 20.0
+# A whole interpreter's run (``python``): it starts and imports before doing anything, and
+# beside another suite's 1,024 blocked processes a free-threaded one once needed more than
+# TIMEOUT for a call that refuses at once.  Only a hang guard: nothing is judged by it.
+INTERPRETER_HANG = 120.0
 
 
 @contextlib.contextmanager
@@ -98,7 +102,7 @@ def reap(pid: int, timeout: float = TIMEOUT) -> int:
 
 
 def python(code: str, *args: str, env: dict[str, str] | None = None,
-           pass_fds: tuple[int, ...] = (), timeout: float = TIMEOUT,
+           pass_fds: tuple[int, ...] = (), timeout: float = INTERPRETER_HANG,
            close_fds: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``python -c code`` to completion (fails the test on a hang)."""
     full_env = dict(os.environ)

@@ -459,7 +459,7 @@ FINALIZER_UNDER_LOCK = textwrap.dedent(
 
 
 def test_a_finalizer_under_the_registry_lock_does_not_deadlock() -> None:
-    out = python(FINALIZER_UNDER_LOCK, timeout=30)
+    out = python(FINALIZER_UNDER_LOCK)
     assert "no deadlock" in out.stdout, out.stderr
 
 

@@ -89,7 +89,7 @@ def test_names_go_when_the_last_call_finished_because_a_holder_died(call: str,
     whenever that is on a loaded machine, nothing of the eventfd may be left (the names
     once stayed in /dev/shm for good, in 4 of 6 runs, until a later sweep)."""
     before = mpefd_entries()
-    out = python(DYING_HOLDER, call, timeout=60)
+    out = python(DYING_HOLDER, call)
     assert out.returncode == 0, out.stderr
     name = out.stdout.split()[0]
     for pid in _reapers_of(name):  # (started before the parent exited, if at all)
@@ -236,7 +236,7 @@ def test_the_exit_sees_all_its_pending_names_through_at_once() -> None:
     reapers: set[int] = set()
     try:
         try:
-            out = python(THREE_HELD, str(gate_r), pass_fds=(gate_r,), timeout=60)
+            out = python(THREE_HELD, str(gate_r), pass_fds=(gate_r,))
         finally:
             os.close(gate_r)
         assert out.returncode == 0, out.stderr

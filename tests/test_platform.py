@@ -140,7 +140,7 @@ def _cross(creator: dict[str, str], attacher: dict[str, str]) -> str:
         with EventFD(0, 0) as efd:
             out = subprocess.run([sys.executable, "-c", {ATTACH!r}, efd.handle],
                                  pass_fds=efd.fds, env=env, capture_output=True, text=True,
-                                 timeout=30)
+                                 timeout=100)  # (a hang guard, inside python()'s)
         print(out.stdout + out.stderr)
         """
     )

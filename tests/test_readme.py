@@ -22,7 +22,7 @@ def test_readme_block_runs(block: str) -> None:
     needs = re.match(r"# needs (\w+)", block)
     if needs and importlib.util.find_spec(needs.group(1)) is None:
         pytest.skip(f"needs {needs.group(1)}")
-    out = python(block, timeout=60)
+    out = python(block)
     assert out.returncode == 0, out.stderr
 
 
