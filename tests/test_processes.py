@@ -171,12 +171,11 @@ def _write_then_read(efd: EventFD) -> int:
 def test_fork_storm_while_threads_operate() -> None:
     """Forks at random points of other threads' operations: every child works.
 
-    The threads share no Python object with the children but the C handle's bound
-    methods: on a free-threaded 3.13 a thread that reads a closure cell holds the cell's
-    lock for the read (python/cpython#117323), and a fork at that moment leaves the cell
-    locked for good in the child, whose own read of it then hangs (seen in CI; 3.14 reads
-    cells without the lock, python/cpython#123358).  That is CPython's, not what this
-    test is about.
+    The threads and the children share the handle but no closure cell: on a free-threaded
+    3.13 a thread that reads a closure cell holds the cell's lock for the read
+    (python/cpython#117323), and a fork at that moment leaves the cell locked for good in
+    the child, whose own read of it then hangs (seen in CI; 3.14 reads cells without the
+    lock, python/cpython#123358).  That is CPython's, not what this test is about.
     """
     with EventFD(0) as efd:
         stop = threading.Event()
