@@ -18,7 +18,9 @@ import sys
 
 from mpeventfd import EventFD, from_handle
 
-GUARD = 30.0  # seconds, against a hang only: a busy machine may take seconds to start a process
+# Seconds, against a hang only: on a loaded machine a fresh interpreter has taken more
+# than 30 s to start and run its few lines.
+GUARD = 120.0
 
 VALUE = 7
 

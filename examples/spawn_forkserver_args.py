@@ -17,7 +17,9 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 
 from mpeventfd import EventFD
 
-GUARD = 30.0  # seconds, against a hang only: a busy machine may take seconds to start a process
+# Seconds, against a hang only: on a loaded machine a fresh interpreter has taken more
+# than 30 s to start and run its few lines.
+GUARD = 120.0
 
 CHILDREN = 3
 
