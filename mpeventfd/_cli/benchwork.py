@@ -209,61 +209,77 @@ CONSUMERS = 8
 WARMUP = 100
 
 
+def _release(stop: mmap.mmap, give: Callable[[int], None], pids: list[int]) -> None:
+    """Tell blocked children to stop (``stop[0]``), wake each with a token, and reap them."""
+    stop[0] = 1
+    if pids:
+        give(len(pids))
+    for pid in pids:
+        _reap(pid)
+
+
 def _cpu_ns(pid: int) -> int:
     """CPU time a process has used, in ns (``/proc/<pid>/schedstat``; Linux)."""
     with open(f"/proc/{pid}/schedstat") as f:
         return int(f.read().split()[0])
 
 
+def _cpu_of(pids: list[int]) -> float:
+    return sum(_cpu_ns(pid) for pid in pids) / 1e9
+
+
 def herd(kind: str, n: int) -> Timer:
     """Consumer CPU per token: 8 blocked readers, a producer handing out single tokens.
 
     The kernel wakes every blocked reader on each write (docs/linux-eventfd.md R27); the
-    semaphore channel wakes one.  Each token is acknowledged on a separate kernel eventfd
-    (the same for both kinds), so tokens go out one at a time.
+    semaphore channel wakes one.
     """
     def run() -> float:
-        stop = mmap.mmap(-1, 8)
-        ack = os.eventfd(0)
         if kind == "mpeventfd":
-            efd = EventFD(0, EFD_SEMAPHORE)
-            take: Callable[[], object] = efd.read
-            give: Callable[[int], None] = efd.write
-        else:
-            fd = os.eventfd(0, os.EFD_SEMAPHORE)
-            take = lambda: os.eventfd_read(fd)  # noqa: E731
-            give = lambda v: os.eventfd_write(fd, v)  # noqa: E731
-
-        def consume() -> None:
-            while True:
-                take()
-                if stop[0]:
-                    return
-                os.eventfd_write(ack, 1)
-
-        pids = [_child(consume) for _ in range(CONSUMERS)]
+            with EventFD(0, EFD_SEMAPHORE) as efd:
+                return consumer_cpu(efd.read, efd.write, n)
+        fd = os.eventfd(0, os.EFD_SEMAPHORE)
         try:
-            for _ in range(WARMUP):  # every consumer has run and touched its pages
-                give(1)
-                os.eventfd_read(ack)
-            before = sum(_cpu_ns(pid) for pid in pids)
-            for _ in range(n):
-                give(1)
-                os.eventfd_read(ack)
-            cpu = (sum(_cpu_ns(pid) for pid in pids) - before) / 1e9
+            return consumer_cpu(lambda: os.eventfd_read(fd),
+                                lambda v: os.eventfd_write(fd, v), n)
         finally:
-            stop[0] = 1
-            give(CONSUMERS)
-            for pid in pids:
-                _reap(pid)
-            if kind == "mpeventfd":
-                efd.close()
-            else:
-                os.close(fd)
-            os.close(ack)
-            stop.close()
-        return cpu / n
+            os.close(fd)
     return run
+
+
+def consumer_cpu(take: Callable[[], object], give: Callable[[int], None], n: int) -> float:
+    """CONSUMERS processes loop on ``take()``; ``give(1)`` hands out n tokens one at a time.
+
+    Returns the consumers' CPU seconds per token.  Each token is acknowledged on a separate
+    kernel eventfd (the same for every kind), so tokens go out one at a time.  The caller
+    owns what ``take`` and ``give`` use; a fork child inherits it.
+    """
+    stop = mmap.mmap(-1, 8)
+    ack = os.eventfd(0)
+
+    def consume() -> None:
+        while True:
+            take()
+            if stop[0]:
+                return
+            os.eventfd_write(ack, 1)
+
+    pids: list[int] = []
+    try:
+        pids = [_child(consume) for _ in range(CONSUMERS)]
+        for _ in range(WARMUP):  # every consumer has run and touched its pages
+            give(1)
+            os.eventfd_read(ack)
+        before = _cpu_of(pids)
+        for _ in range(n):
+            give(1)
+            os.eventfd_read(ack)
+        cpu = _cpu_of(pids) - before
+    finally:
+        _release(stop, give, pids)
+        os.close(ack)
+        stop.close()
+    return cpu / n
 
 
 # -- P5: fan-in -----------------------------------------------------------------------------
@@ -532,10 +548,6 @@ def _state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
-def _cpu_of(pids: list[int]) -> float:
-    return sum(_cpu_ns(pid) for pid in pids) / 1e9
-
-
 def scale(kind: str, waiters: int, tokens: int, idle: float = 1.0,
           interval: float = 0.002) -> tuple[float, list[float], float]:
     """``waiters`` processes blocked in semaphore-mode ``read()`` in their main threads.
@@ -598,11 +610,7 @@ def scale(kind: str, waiters: int, tokens: int, idle: float = 1.0,
                 time.sleep(pause)
         per_token = (_cpu_of(pids) - cpu0) / tokens
     finally:
-        stop[0] = 1
-        if pids:
-            give(len(pids))
-        for pid in pids:
-            _reap(pid)
+        _release(stop, give, pids)
         close()
         os.close(ack_r)
         os.close(ack_w)
