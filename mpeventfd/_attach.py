@@ -1,11 +1,12 @@
 """Attaching to an eventfd from its three fds, trusting nothing it has not checked.
 
 Whoever holds the fds (a ``multiprocessing`` child, a receiver of ``SCM_RIGHTS``, an exec'd
-child with a handle) validates them first: the kinds and access modes of the fds, the pipe's
-identity, an owner-only state file of the right size, then every header field
-(``_core.read_header``), the names (opened without ``O_CREAT``: a missing one was removed
-from outside, e.g. by systemd ``RemoveIPC``, and re-creating it would split the eventfd in
-two), and the lock kind this process can take (docs/design.md §9 and I13, I14).
+child with a handle) validates them first, in this order: the state fd (a regular file, open
+read-write, owner-only, of the right size), every header field (``_core.read_header``), the
+pipe's two ends (kinds, access modes, and the identity the header records), the state file's
+name, the lock kind this process can take, and the semaphores (opened without ``O_CREAT``: a
+missing one was removed from outside, e.g. by systemd ``RemoveIPC``, and re-creating it would
+split the eventfd in two) (docs/design.md §9 and I13, I14).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 P4 (``python -m mpeventfd bench``) measures the CPU that 8 consumer processes, blocked in a
 semaphore-mode ``read()``, spend per token handed out one at a time, against the kernel's
 eventfd.  mpeventfd wakes a consumer through a named POSIX semaphore, and a main thread
-waits on it in steps of at most 100 ms, so that Python's signal handlers run (SPEC §5.5).
+waits on it in steps of at most 100 ms, so that Python's signal handlers run (docs/design.md §7).
 This tool runs P4's own harness (``benchwork.consumer_cpu``: the same Python loop, the same
 acknowledgements) around four waits, in turns, and prints each one's CPU per token and its
 ratio to the kernel's in the same turn:
