@@ -2752,8 +2752,12 @@ static int module_exec(PyObject *m)
         }
         PyTuple_SET_ITEM(steps, i, name);
     }
+    /* The wait steps, in seconds, for the tests that count what a wait does per step. */
     if (PyModule_Add(m, "STEPS", steps) != 0 ||
-        PyModule_Add(m, "MAX_VALUE", PyLong_FromUnsignedLongLong(MAX_VALUE)) != 0)
+        PyModule_Add(m, "MAX_VALUE", PyLong_FromUnsignedLongLong(MAX_VALUE)) != 0 ||
+        PyModule_Add(m, "STEP_MAIN", PyFloat_FromDouble(STEP_MAIN)) != 0 ||
+        PyModule_Add(m, "STEP_OTHER", PyFloat_FromDouble(STEP_OTHER)) != 0 ||
+        PyModule_Add(m, "STEP_GRID", PyFloat_FromDouble(STEP_GRID)) != 0)
         return -1;
     struct { const char *name; long long v; } ints[] = {
         {"SIZE", (long long)PAGE_BYTES}, {"NSLOTS", NSLOTS},

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mpeventfd import _liveness
+from mpeventfd import _core, _liveness
 
 FORK = multiprocessing.get_context("fork")
 TIMEOUT = 20.0
@@ -40,6 +40,18 @@ def reaped(*procs: BaseProcess) -> Iterator[None]:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+@contextlib.contextmanager
+def long_steps(seconds: float = 3600.0) -> Iterator[None]:
+    """Waits in threads other than the main one take steps of ``seconds`` (``_core._step``):
+    a wait that outlasts the test comes back by a post, a signal or its deadline, never by
+    a step's look, so a test can count the posts it consumed.  (A fork child inherits it.)"""
+    old = _core._step(seconds)
+    try:
+        yield
+    finally:
+        _core._step(old)
 
 
 def start(target: Callable[..., Any], *args: Any, ctx: Any = FORK) -> BaseProcess:

@@ -188,7 +188,6 @@ def test_stopped_holder_is_waited_for_never_robbed(backend: str) -> None:
 # (docs/design.md, "The lock"): once on a robust mutex (one timed wait); the byte lock polls
 # with naps of 20 us doubling to 2 ms: 7 naps reach 2 ms (2.54 ms in all), then one per
 # 2 ms and a last shorter one, 56 at most.  A loaded machine only makes a step's naps fewer.
-MAIN_STEP = 0.1
 SLEEPS_PER_STEP = {"robust": 1, "byte": 56}
 
 
@@ -209,7 +208,7 @@ def _main_sleeps() -> int:
 def _lock_wait_sleeps(backend: str, seconds: float) -> int:
     """The most sleeps a main thread's wait of ``seconds`` for a held lock can take: one
     step per 100 ms begun, and two more for waits for the GIL on the way."""
-    return math.ceil(round(seconds / MAIN_STEP, 6)) * SLEEPS_PER_STEP[backend] + 2
+    return math.ceil(round(seconds / _core.STEP_MAIN, 6)) * SLEEPS_PER_STEP[backend] + 2
 
 
 def _watchdog(holder: int, seconds: float) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from helpers import (
     finish,
     fork_child,
     forks_beside_threads,
+    long_steps,
     mpefd_entries,
     python,
     reap,
@@ -392,43 +393,42 @@ def test_a_fork_child_lets_go_of_a_closed_cores_fds() -> None:
     """A core kept only by another thread's call: the child has no such thread, so it
     closes its copies at once (else it would pin the parent's names)."""
     gate_r, gate_w = os.pipe()
-    old_step = _core._step(3600.0)  # the reader comes back by the post alone
     try:
-        efd = EventFD(0)
-        core = efd._core
-        assert core is not None
-        pipe = os.fstat(efd.fileno())
-        t = threading.Thread(target=lambda: efd.read(timeout=20))
-        t.start()
-        wait_until(lambda: stats(efd)["waiting_r"] == 1)
-        efd.close()
-        assert core.closed
-        assert not core.freed
+        with long_steps():  # the reader comes back by the post alone
+            efd = EventFD(0)
+            core = efd._core
+            assert core is not None
+            pipe = os.fstat(efd.fileno())
+            t = threading.Thread(target=lambda: efd.read(timeout=20))
+            t.start()
+            wait_until(lambda: stats(efd)["waiting_r"] == 1)
+            efd.close()
+            assert core.closed
+            assert not core.freed
 
-        def child() -> int:
-            for fd in os.listdir("/proc/self/fd"):
-                try:
-                    st = os.stat(f"/proc/self/fd/{fd}")
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) == (pipe.st_dev, pipe.st_ino):
-                    return 1  # a copy of the pipe (an end, or the private description)
-            return 0
+            def child() -> int:
+                for fd in os.listdir("/proc/self/fd"):
+                    try:
+                        st = os.stat(f"/proc/self/fd/{fd}")
+                    except OSError:
+                        continue
+                    if (st.st_dev, st.st_ino) == (pipe.st_dev, pipe.st_ino):
+                        return 1  # a copy of the pipe (an end, or the private description)
+                return 0
 
-        assert reap(fork_child(child)) == 0
-        writer = EventFD._from_core(core, owner=False)  # write through the waiter's core
-        core.reopen()
-        # The woken reader waits at the gate, so its call, not our close, is the last one
-        # out and frees the core (a close() that freed it would leave the names to us).
-        _faults.arm("wait.woken", f"block:{gate_r}")
-        writer.write(1)
-        assert not core.close()
-        os.write(gate_w, b"x")
-        t.join(20)
-        assert core.freed
+            assert reap(fork_child(child)) == 0
+            writer = EventFD._from_core(core, owner=False)  # write through the waiter's core
+            core.reopen()
+            # The woken reader waits at the gate, so its call, not our close, is the last one
+            # out and frees the core (a close() that freed it would leave the names to us).
+            _faults.arm("wait.woken", f"block:{gate_r}")
+            writer.write(1)
+            assert not core.close()
+            os.write(gate_w, b"x")
+            t.join(20)
+            assert core.freed
     finally:
         _faults.disarm()
-        _core._step(old_step)
         os.close(gate_r)
         os.close(gate_w)
 

@@ -179,7 +179,7 @@ def test_a_lock_free_read_never_drops_its_writers_post_while_the_lock_is_held(
 # The wait steps of _core.c: a blocked main thread looks every STEP_MAIN (for signals), any
 # other thread every STEP_OTHER; a step ends on a STEP_GRID boundary (at least step - grid
 # after it began, at most step).
-STEP_MAIN, STEP_OTHER, STEP_GRID = 0.1, 0.5, 0.01
+STEP_MAIN, STEP_OTHER, STEP_GRID = _core.STEP_MAIN, _core.STEP_OTHER, _core.STEP_GRID
 
 
 def _unavailable() -> float:

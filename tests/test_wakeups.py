@@ -11,7 +11,17 @@ import time
 
 import pytest
 
-from helpers import FORK, finish, fork_child, reap, reaped, start, stats, wait_until
+from helpers import (
+    FORK,
+    finish,
+    fork_child,
+    long_steps,
+    reap,
+    reaped,
+    start,
+    stats,
+    wait_until,
+)
 from mpeventfd import EFD_SEMAPHORE, MAX_VALUE, EventFD, _core, _faults
 
 W_PR, W_WR, W_WW = "posted_r", "waiting_r", "waiting_w"
@@ -194,20 +204,16 @@ def test_no_lost_wakeup_in_10000_alternations(semaphore: bool) -> None:
     lock (``looks_locked``): counted on both sides, never timed."""
     flags = EFD_SEMAPHORE if semaphore else 0
     rounds = 10_000
-    old_step = _core._step(10.0)  # (the forked partner inherits it)
-    try:
-        with EventFD(0, flags) as a, EventFD(0, flags) as b:
-            p = start(_ping, a, b, rounds)
-            with reaped(p):
-                before = stats(a)
-                errors = _alternate(a, b, rounds, write_first=True)
-                assert finish(p) == 0
-                after = stats(a)
-                assert not errors, errors
-                assert after["looks_locked"] == before["looks_locked"], "a post was missed"
-            assert a.peek() == b.peek() == 0
-    finally:
-        _core._step(old_step)
+    with long_steps(10.0), EventFD(0, flags) as a, EventFD(0, flags) as b:
+        p = start(_ping, a, b, rounds)
+        with reaped(p):
+            before = stats(a)
+            errors = _alternate(a, b, rounds, write_first=True)
+            assert finish(p) == 0
+            after = stats(a)
+            assert not errors, errors
+            assert after["looks_locked"] == before["looks_locked"], "a post was missed"
+        assert a.peek() == b.peek() == 0
 
 
 def test_fork_context_is_the_default_helper() -> None:
@@ -266,9 +272,8 @@ def test_readers_and_writers_never_steal_each_others_posts(backend: str) -> None
     deadline and leave `woken` one short: ordered by registrations and a gate, no clock
     read (a loaded machine can keep a posted reader off the CPU for a long time)."""
     gate_r, gate_w = os.pipe()
-    old_step = _core._step(3600.0)
     try:
-        with EventFD(10) as efd:
+        with long_steps(), EventFD(10) as efd:
             got: dict[str, int] = {}
 
             def writer() -> None:
@@ -299,7 +304,6 @@ def test_readers_and_writers_never_steal_each_others_posts(backend: str) -> None
             assert efd.peek() == 0
     finally:
         _faults.disarm()
-        _core._step(old_step)
         os.close(gate_r)
         os.close(gate_w)
 
