@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from figures import FIGURES, KILLED_STEPS
-from helpers import mpefd_entries, open_fds
+from helpers import janitor_ended, mpefd_entries, open_fds
 from mpeventfd import EventFD, _create, _names, _registry
 from mpeventfd._probe import PLATFORM
 
@@ -101,6 +101,8 @@ def leak_guard() -> Iterator[None]:
     resource_sharer.stop(timeout=5)
     left = _settle(names_before, time.monotonic() + 5)
     assert not left, f"test leaked named objects: {sorted(left)}"
+    assert janitor_ended(5), (
+        f"the janitor still retests names in use: {sorted(_registry.current().janitor.pending)}")
     gc.collect()
     extra = open_fds() - fds_before
     # An fd can be briefly open in a helper thread (the janitor's liveness test).

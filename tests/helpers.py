@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mpeventfd import _core, _liveness
+from mpeventfd import _core, _liveness, _registry
 
 FORK = multiprocessing.get_context("fork")
 TIMEOUT = 20.0
@@ -216,6 +216,33 @@ def reap_leftovers() -> list[int]:
 
 
 # -- what the leak guard counts ---------------------------------------------------------------
+
+
+def janitor_ended(timeout: float) -> bool:
+    """Have this process's janitor retest its pending names at once, and wait until its
+    thread has ended (True), or ``timeout`` passed with some name still in use (False).
+
+    A test that ends with names pending (removed meanwhile by a sweep, say) leaves the
+    thread waiting for a retest up to ``_janitor.LAST_RETEST`` away; a later test's fork
+    would then copy a threaded process, which 3.12+ warns of (``os.fork`` docs)."""
+    janitor = _registry.current().janitor
+    deadline = time.monotonic() + timeout
+    with janitor.cond:
+        thread = janitor.thread
+        now = time.monotonic()
+        for pending in janitor.pending.values():
+            pending.due = now
+        janitor.cond.notify_all()
+        while janitor.thread is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            janitor.cond.wait(left)
+    if thread is not None:
+        thread.join(max(0.0, deadline - time.monotonic()))  # (its last steps, after the lock)
+    return thread is None or not thread.is_alive()
+
+
 
 
 def mpefd_entries() -> set[str]:
