@@ -229,20 +229,14 @@ def janitor_ended(timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     with janitor.cond:
         thread = janitor.thread
-        now = time.monotonic()
         for pending in janitor.pending.values():
-            pending.due = now
+            pending.due = 0.0
         janitor.cond.notify_all()
-        while janitor.thread is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            janitor.cond.wait(left)
+        if not janitor.cond.wait_for(lambda: janitor.thread is None, timeout):
+            return False
     if thread is not None:
         thread.join(max(0.0, deadline - time.monotonic()))  # (its last steps, after the lock)
     return thread is None or not thread.is_alive()
-
-
 
 
 def mpefd_entries() -> set[str]:
